@@ -1,0 +1,5 @@
+import sys
+
+from disploss.cli import main
+
+sys.exit(main())

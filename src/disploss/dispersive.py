@@ -1,0 +1,120 @@
+"""Dispersive Loss (Wang & He 2025, "Diffuse and Disperse", section 3): a regulariser that spreads the
+hidden representations of a batch, like a contrastive loss with no positive pairs.
+
+Every variant flattens z (B, ...) to (B, M) and is computed from the B x B Gram matrix, which costs one
+(B, M) x (M, B) matmul: far cheaper than pairwise differences for the sizes of SiT (M = T * D ~ 3e5).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+Variant = Literal["infonce_l2", "infonce_cosine", "hinge", "covariance"]
+VARIANTS: tuple[str, ...] = ("infonce_l2", "infonce_cosine", "hinge", "covariance")
+
+
+def check_variant(variant: str) -> str:
+    """Return `variant` when it is a known dispersive variant, else raise ValueError listing the choices."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown dispersive variant {variant!r}; valid choices: {', '.join(VARIANTS)}")
+    return variant
+
+
+def _compute_dtype(z: torch.Tensor) -> torch.dtype:
+    # float64 stays float64; everything else (bf16/fp16 under autocast included) computes in float32.
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+def pairwise_sq_dists(z: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances divided by the feature size: d_ij = ||z_i - z_j||^2 / M.
+
+    Args:
+        z: (B, M).
+    Returns:
+        (B, B), exactly zero on the diagonal and never negative.
+    """
+    z = z - z.mean(dim=0, keepdim=True)  # distances are translation invariant; centring cuts round-off
+    sq = (z * z).sum(dim=1)  # (B,)
+    gram = z @ z.t()  # (B, B)
+    d = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
+    d = d * (1 - torch.eye(len(z), dtype=d.dtype, device=d.device))  # i == j is exactly 0
+    return d / z.shape[1]
+
+
+def _log_mean_exp(logits: torch.Tensor) -> torch.Tensor:
+    # log( mean over all B*B entries of exp(logits) ), stable at any scale.
+    return torch.logsumexp(logits.reshape(-1), dim=0) - math.log(logits.numel())
+
+
+def dispersive_loss(
+    z: torch.Tensor,
+    variant: Variant = "infonce_l2",
+    tau: float = 1.0,
+    margin: float = 1.0,
+    gather: bool = False,
+) -> torch.Tensor:
+    """The dispersive loss of a batch of representations.
+
+    Variants (PAPER.md; all B*B ordered pairs, the diagonal included, as the reference does):
+      - infonce_l2:     log mean_ij exp(-||z_i - z_j||^2 / (M tau))         in [-log B, 0]
+      - infonce_cosine: log mean_ij exp(-(1 - cos(z_i, z_j)) / tau)
+      - hinge:          mean_ij max(0, margin - ||z_i - z_j||^2 / M)^2
+      - covariance:     sum of squared off-diagonal entries of the covariance (over the batch) of the
+                        l2-normalised z; computed through the B x B Gram matrix, never the M x M covariance.
+
+    Args:
+        z: (B, ...) representations of one process's batch, e.g. the residual stream (B, T, D) of a block.
+        variant: one of VARIANTS.
+        tau: temperature of the InfoNCE variants (> 0).
+        margin: epsilon of the hinge variant.
+        gather: compute over the representations of every process (all-gather); gradients flow to the
+            local part only. In a single process this changes nothing.
+    Returns:
+        A 0-dim tensor: float64 for float64 input, float32 otherwise (also under bf16 autocast).
+    """
+    check_variant(variant)
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    if z.dim() < 2 or z.shape[0] < 1:
+        raise ValueError(f"dispersive_loss expects z of shape (B, ...) with B >= 1, got {tuple(z.shape)}")
+    if gather:
+        from disploss.distributed import all_gather_with_grad
+
+        z = all_gather_with_grad(z)
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = z.reshape(z.shape[0], -1).to(_compute_dtype(z))  # (B, M)
+        if variant == "infonce_l2":
+            return _log_mean_exp(-pairwise_sq_dists(z) / tau)
+        if variant == "infonce_cosine":
+            zn = torch.nn.functional.normalize(z, dim=1)
+            return _log_mean_exp(-(1 - zn @ zn.t()) / tau)
+        if variant == "hinge":
+            return (margin - pairwise_sq_dists(z)).clamp_min(0).pow(2).mean()
+        return _covariance_off_diagonal(z)
+
+
+def _covariance_off_diagonal(z: torch.Tensor) -> torch.Tensor:
+    # sum_{a != b} C_ab^2 = ||C||_F^2 - sum_a C_aa^2, and ||Zc^T Zc||_F = ||Zc Zc^T||_F (B x B instead of M x M).
+    B = z.shape[0]
+    if B < 2:
+        return z.sum() * 0
+    zc = torch.nn.functional.normalize(z, dim=1)
+    zc = zc - zc.mean(dim=0, keepdim=True)  # (B, M)
+    frob = (zc @ zc.t()).pow(2).sum() / (B - 1) ** 2
+    diag = (zc.pow(2).sum(dim=0) / (B - 1)).pow(2).sum()
+    return frob - diag
+
+
+def reference_infonce_l2(z: torch.Tensor) -> torch.Tensor:
+    """The reference's formula (pdist, concat of the diagonal zeros, exp, log), device-agnostic.
+
+    Kept for the benchmark and equivalence tests only: it overflows/underflows where dispersive_loss
+    does not, and pdist's backward is slow.
+    """
+    z = z.reshape(z.shape[0], -1)
+    diff = torch.nn.functional.pdist(z).pow(2) / z.shape[1]
+    diff = torch.cat((diff, diff, torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)))
+    return torch.log(torch.exp(-diff).mean())

@@ -1,0 +1,202 @@
+"""The Transport: a path plus a prediction type, with the training objective (flow term + dispersive term)
+and the drift / score fields that the samplers integrate."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from disploss.dispersive import check_variant, dispersive_loss
+from disploss.transport.paths import PATH_TYPES, expand_t_like_x, make_path
+
+PREDICTIONS = ("velocity", "score", "noise")
+LOSS_WEIGHTS = (None, "velocity", "likelihood")
+# Where the SDE coefficients are singular (SBDM at t = 0 where alpha = 0; the score at t = 1 where sigma = 0)
+# and the resolved eps is 0, SDE sampling stays this far from the end point (the reference gave NaN there).
+SDE_SAFE_EPS = 1e-3
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dim but the batch: (B, ...) -> (B,)."""
+    return x.mean(dim=list(range(1, x.dim())))
+
+
+def _choice(value, choices, what: str):
+    if value not in choices:
+        shown = ", ".join("None" if c is None else str(c) for c in choices)
+        raise ValueError(f"unknown {what} {value!r}; valid choices: {shown}")
+    return value
+
+
+class Transport:
+    """A stochastic interpolant with a model parametrisation.
+
+    Args:
+        path_type: 'Linear' | 'GVP' | 'VP'.
+        prediction: what the model predicts: 'velocity' | 'score' | 'noise'.
+        loss_weight: None | 'velocity' | 'likelihood' (weights the score / noise losses only).
+        train_eps, sample_eps: distance kept from the singular ends of [0, 1]; None picks the reference's
+            defaults (0 for velocity on Linear/GVP, 1e-3 for score/noise, VP: 1e-5 / 1e-3). A given value is
+            honoured (the reference overwrote it for velocity models).
+    """
+
+    def __init__(self, path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None):
+        _choice(path_type, PATH_TYPES, "path type")
+        _choice(prediction, PREDICTIONS, "prediction")
+        _choice(loss_weight, LOSS_WEIGHTS, "loss weight")
+        self.path_type = path_type
+        self.prediction = prediction
+        self.loss_weight = loss_weight
+        self.path = make_path(path_type)
+        if path_type == "VP":
+            default_train, default_sample = 1e-5, 1e-3
+        elif prediction != "velocity":
+            default_train, default_sample = 1e-3, 1e-3
+        else:
+            default_train, default_sample = 0.0, 0.0
+        self.train_eps = default_train if train_eps is None else float(train_eps)
+        self.sample_eps = default_sample if sample_eps is None else float(sample_eps)
+
+    def __repr__(self) -> str:
+        return (
+            f"Transport(path_type={self.path_type!r}, prediction={self.prediction!r}, loss_weight={self.loss_weight!r}, "
+            f"train_eps={self.train_eps}, sample_eps={self.sample_eps})"
+        )
+
+    # -- time interval ----------------------------------------------------------------------------------
+    def interval(self, *, eval: bool, sde: bool = False, diffusion_form: str = "SBDM", last_step_size: float = 0.0):
+        """(t0, t1) for training (eval=False) or sampling; the reference's check_interval with its bugs fixed."""
+        t0, t1 = 0.0, 1.0
+        eps = self.sample_eps if eval else self.train_eps
+        if self.path_type == "VP":
+            t1 = 1 - eps if (not sde or last_step_size == 0) else 1 - last_step_size
+        elif self.prediction != "velocity" or sde:
+            sbdm_sde = diffusion_form == "SBDM" and sde
+            t0 = eps if (sbdm_sde or self.prediction != "velocity") else 0.0
+            if sbdm_sde and t0 == 0:
+                t0 = SDE_SAFE_EPS
+            if not sde or last_step_size == 0:
+                t1 = 1 - (eps if (eps > 0 or not sde) else SDE_SAFE_EPS)
+            else:
+                t1 = 1 - last_step_size
+        if not t0 < t1:
+            raise ValueError(f"empty time interval [{t0}, {t1}]: check sample_eps / last_step_size")
+        return t0, t1
+
+    def sample_t(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """t ~ U[t0, t1] of shape (B,), drawn on the CPU generator (as the reference) and moved to `device`."""
+        t0, t1 = self.interval(eval=False)
+        return (torch.rand((batch_size,)) * (t1 - t0) + t0).to(device)
+
+    # -- training objective -----------------------------------------------------------------------------
+    def training_losses(
+        self,
+        model: Callable,
+        x1: torch.Tensor,
+        model_kwargs: dict | None = None,
+        *,
+        disp_weight: float = 0.0,
+        disp_tau: float = 1.0,
+        disp_variant: str = "infonce_l2",
+        disp_block: int = -1,
+        disp_gather: bool = False,
+        disp_margin: float = 1.0,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Flow-matching (or score / noise) loss plus lambda * dispersive loss on one block's activations.
+
+        Args:
+            model: called as model(x_t, t, **model_kwargs[, return_act=True]).
+            x1: (B, C, H, W) data (latents).
+            disp_weight: lambda; 0 turns the dispersive term off (and the model is called without return_act).
+            disp_tau, disp_variant, disp_margin: see disploss.dispersive_loss.
+            disp_block: index of the block whose output is regularised (negative counts from the end).
+            disp_gather: dispersive term over the global batch (all processes); its gradient is scaled by the
+                world size so that DDP's gradient averaging yields lambda * dL_global/dtheta.
+            t, noise: optional fixed t (B,) and x0 (B, C, H, W); drawn as the reference does otherwise.
+        Returns:
+            dict with 'loss' (B,) = flow + lambda * disp (the reference's per-sample total), 'flow' (B,),
+            'disp' (0-dim, detached from nothing: the value of the dispersive term), 'pred' (B, C, H, W).
+        """
+        model_kwargs = model_kwargs or {}
+        if noise is None:
+            noise = torch.randn_like(x1)
+        if t is None:
+            t = self.sample_t(x1.shape[0], x1.device)
+        t, xt, ut = self.path.plan(t, noise, x1)
+        use_disp = disp_weight != 0
+        if use_disp:
+            check_variant(disp_variant)
+            pred, acts = model(xt, t, **model_kwargs, return_act=True)
+        else:
+            pred = model(xt, t, **model_kwargs)
+        if pred.shape != xt.shape:
+            raise ValueError(f"model output shape {tuple(pred.shape)} does not match its input {tuple(xt.shape)}")
+        flow = self._flow_loss(pred.float(), xt, t, noise, ut)
+        if use_disp:
+            if not -len(acts) <= disp_block < len(acts):
+                raise ValueError(f"disp_block {disp_block} is out of range for a model with {len(acts)} blocks")
+            disp = dispersive_loss(acts[disp_block], disp_variant, tau=disp_tau, margin=disp_margin, gather=disp_gather)
+            disp_for_grad = disp
+            if disp_gather:
+                from disploss.distributed import get_world_size
+
+                w = get_world_size()
+                disp_for_grad = disp * w - disp.detach() * (w - 1)  # value disp, gradient w * d disp
+            total = flow + disp_weight * disp_for_grad
+        else:
+            disp = torch.zeros((), device=flow.device)
+            total = flow
+        return {"loss": total, "flow": flow, "disp": disp, "pred": pred}
+
+    def _flow_loss(self, pred, xt, t, x0, ut) -> torch.Tensor:
+        if self.prediction == "velocity":
+            return mean_flat((pred - ut) ** 2)
+        _, drift_var = self.path.compute_drift(xt, t)
+        sigma_t = self.path.sigma(expand_t_like_x(t, xt))
+        if self.loss_weight == "velocity":
+            weight = (drift_var / sigma_t) ** 2
+        elif self.loss_weight == "likelihood":
+            weight = drift_var / sigma_t**2
+        else:
+            weight = 1.0
+        if self.prediction == "noise":
+            return mean_flat(weight * (pred - x0) ** 2)
+        return mean_flat(weight * (pred * sigma_t + x0) ** 2)
+
+    # -- fields for the samplers ------------------------------------------------------------------------
+    def drift(self, x: torch.Tensor, t: torch.Tensor, model: Callable, **model_kwargs) -> torch.Tensor:
+        """The probability-flow velocity v(x, t) from the model's prediction."""
+        out = model(x, t, **model_kwargs)
+        if self.prediction == "velocity":
+            v = out
+        else:
+            score = out if self.prediction == "score" else self.path.score_from_noise(out, x, t)
+            v = self.path.velocity_from_score(score, x, t)
+        if v.shape != x.shape:
+            raise ValueError(f"model output shape {tuple(v.shape)} does not match its input {tuple(x.shape)}")
+        return v
+
+    def score(self, x: torch.Tensor, t: torch.Tensor, model: Callable, **model_kwargs) -> torch.Tensor:
+        """The score grad log p_t(x) from the model's prediction."""
+        out = model(x, t, **model_kwargs)
+        if self.prediction == "velocity":
+            return self.path.score_from_velocity(out, x, t)
+        if self.prediction == "noise":
+            return self.path.score_from_noise(out, x, t)
+        return out
+
+    @staticmethod
+    def prior_logp(z: torch.Tensor) -> torch.Tensor:
+        """log N(z; 0, I) per sample: (B, ...) -> (B,)."""
+        n = z[0].numel()
+        return -n / 2.0 * torch.log(torch.tensor(2 * torch.pi, dtype=z.dtype)) - (z**2).flatten(1).sum(1) / 2.0
+
+
+def create_transport(path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None):
+    """Build a Transport (the reference's entry point). 'None' as a string is accepted for loss_weight."""
+    if loss_weight == "None":
+        loss_weight = None
+    return Transport(path_type, prediction, loss_weight, train_eps, sample_eps)
