@@ -364,11 +364,18 @@ SiT_models: dict[str, Callable[..., SiT]] = {
     f"SiT-{size}/{patch}": _make(size, patch) for size in ("XL", "L", "B", "S") for patch in (2, 4, 8)
 }
 
+# Not in the reference: a tiny family for CPU demos and tests (depth 6, width 128, 4 heads).
+ARCHS["T"] = (6, 128, 4)
+MODEL_PRESETS: dict[str, Callable[..., SiT]] = {
+    **SiT_models,
+    **{f"SiT-T/{patch}": _make("T", patch) for patch in (1, 2, 4)},
+}
+
 
 def parse_model_name(name: str) -> tuple[int, int, int, int]:
     """'SiT-XL/2' -> (depth, hidden_size, num_heads, patch_size); ValueError listing the valid names."""
-    if name not in SiT_models:
-        raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(SiT_models)}")
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(MODEL_PRESETS)}")
     size, patch = name[len("SiT-"):].split("/")
     depth, hidden, heads = ARCHS[size]
     return depth, hidden, heads, int(patch)
@@ -377,12 +384,12 @@ def parse_model_name(name: str) -> tuple[int, int, int, int]:
 def create_model(name: str, **kwargs) -> SiT:
     """Build a registered model by name (ValueError listing the valid names for an unknown one)."""
     parse_model_name(name)
-    return SiT_models[name](**kwargs)
+    return MODEL_PRESETS[name](**kwargs)
 
 
 def model_name_for(config: dict) -> str | None:
     """The registry name of a configuration (None when it is not one of the 12 presets)."""
-    for name in SiT_models:
+    for name in MODEL_PRESETS:
         depth, hidden, heads, patch = parse_model_name(name)
         if (config.get("depth"), config.get("hidden_size"), config.get("patch_size")) == (depth, hidden, patch):
             return name

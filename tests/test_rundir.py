@@ -1,0 +1,125 @@
+"""Experiment folders: reference naming, race-free creation, pre-flight disk checks."""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from disploss import rundir
+
+
+def test_reference_layout(tmp_path):
+    first = rundir.create_experiment_dir(tmp_path / "results", "SiT-XL/2", "Linear", "velocity", None)
+    assert first.name == "000-SiT-XL-2-Linear-velocity-None"
+    assert (first / "checkpoints").is_dir()
+    (tmp_path / "results" / "notes.txt").write_text("x")  # any entry counts, like the reference's glob
+    second = rundir.create_experiment_dir(tmp_path / "results", "SiT-B/4", "GVP", "score", "likelihood")
+    assert second.name == "002-SiT-B-4-GVP-score-likelihood"
+
+
+def test_used_index_is_skipped(tmp_path):
+    (tmp_path / "001-SiT-S-2-Linear-velocity-None").mkdir()  # index 1 taken, 1 entry in the folder
+    made = rundir.create_experiment_dir(tmp_path, "SiT-S/2", "Linear", "velocity", None)
+    assert made.name == "002-SiT-S-2-Linear-velocity-None"
+
+
+def _create(results_dir: str, queue) -> None:
+    queue.put(str(rundir.create_experiment_dir(results_dir, "SiT-XL/2", "Linear", "velocity", None)))
+
+
+def test_concurrent_threads_never_share(tmp_path, monkeypatch):
+    # Make every caller see the same (stale) directory listing, as two processes starting together would.
+    real_iterdir = Path.iterdir
+    snapshot = list(real_iterdir(tmp_path))
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(snapshot) if self == tmp_path else real_iterdir(self))
+    results, barrier = [], threading.Barrier(8)
+
+    def work():
+        barrier.wait()
+        results.append(rundir.create_experiment_dir(tmp_path, "SiT-XL/2", "Linear", "velocity", None))
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({p.name for p in results}) == 8
+    assert sorted(p.name[:3] for p in results) == [f"{i:03d}" for i in range(8)]
+
+
+def test_concurrent_processes_never_share(tmp_path):
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_create, args=(str(tmp_path), queue)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    names = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert len(set(names)) == 4
+
+
+def test_check_writable_ok(tmp_path):
+    free = rundir.check_writable(tmp_path / "new" / "dir", min_free_bytes=1)
+    assert free > 0 and (tmp_path / "new" / "dir").is_dir()
+    assert list((tmp_path / "new" / "dir").iterdir()) == []  # the probe is removed
+
+
+def test_check_writable_under_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(rundir.NotWritableError, match="cannot create the folder .*file/sub"):
+        rundir.check_writable(tmp_path / "file" / "sub")
+
+
+def test_check_writable_read_only(tmp_path, monkeypatch):
+    # Tests may run as root, which chmod does not stop: simulate a read-only mount at open().
+    import builtins
+
+    real_open = builtins.open
+
+    def ro_open(file, mode="r", *a, **k):
+        if ".write-probe-" in str(file) and any(c in mode for c in "wax+"):
+            raise OSError(30, "Read-only file system", str(file))
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", ro_open)
+    with pytest.raises(rundir.NotWritableError) as err:
+        rundir.check_writable(tmp_path)
+    assert str(tmp_path) in str(err.value) and "Read-only file system" in str(err.value)
+    assert isinstance(err.value, PermissionError)
+
+
+def test_check_writable_disk_space(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    need = free * 1000 + 12345
+    with pytest.raises(rundir.InsufficientDiskSpaceError) as err:
+        rundir.check_writable(tmp_path, min_free_bytes=need)
+    message = str(err.value)
+    assert str(tmp_path) in message and f"{need} bytes needed" in message and "bytes free" in message
+
+
+def test_checkpoint_size_estimate_matches_a_real_checkpoint(tmp_path):
+    from disploss.checkpoint import save_checkpoint
+    from disploss.models import SiT
+
+    model = SiT(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1])).sum().backward()
+    opt.step()
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    path = save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict(), "ema": ema, "opt": opt.state_dict(),
+                                               "args": {"a": 1}})
+    estimate = rundir.checkpoint_size_bytes(model)
+    actual = path.stat().st_size
+    assert actual <= estimate <= actual + (2 << 20)
+    assert rundir.checkpoint_size_bytes(model, with_opt=False) < estimate
+
+
+def test_format_bytes():
+    assert rundir.format_bytes(512) == "512 B"
+    assert rundir.format_bytes(3 * 1024**3) == "3.00 GiB"

@@ -1,0 +1,8 @@
+"""The reference's entry point: `torchrun --nnodes=1 --nproc_per_node=N train.py --model SiT-XL/2 --data-path ... --disp`."""
+
+import sys
+
+from disploss.cli import run_command
+
+if __name__ == "__main__":
+    sys.exit(run_command("train", sys.argv[1:]))
