@@ -282,6 +282,7 @@ def train(cfg: TrainConfig) -> Path:
         EpochSeeded(dataset, cfg.global_seed),
         batch_size=local_batch, sampler=sampler, num_workers=cfg.num_workers, drop_last=True,
         pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator(),  # the loader's own seed draw must not consume the training RNG stream
     )  # fmt: skip
     steps_per_epoch = len(sampler.inner) // local_batch
     if steps_per_epoch == 0:
