@@ -15,7 +15,9 @@ def to_uint8(x: torch.Tensor, mode: str = "truncate") -> np.ndarray:
 
     Args:
         mode: 'truncate' is the reference's clamp(127.5 x + 128, 0, 255) cast to uint8 (npz files
-            bit-comparable with the reference's); 'round' maps [-1, 1] to [0, 255] with rounding.
+            bit-comparable with the reference's). Since 127.5 x + 128 = 127.5 (x + 1) + 0.5, the cast already
+            rounds half up; 'round' rounds 127.5 (x + 1) half to even (torch.round): the two differ only on
+            exact ties, a handful of pixels in a million.
     """
     if mode == "truncate":
         pixels = torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)
