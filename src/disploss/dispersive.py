@@ -90,7 +90,9 @@ def dispersive_loss(
             return _log_mean_exp(-pairwise_sq_dists(z) / tau)
         if variant == "infonce_cosine":
             zn = torch.nn.functional.normalize(z, dim=1)
-            return _log_mean_exp(-(1 - zn @ zn.t()) / tau)
+            eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+            cos = torch.where(eye, torch.ones((), dtype=zn.dtype, device=z.device), zn @ zn.t())  # exact self-similarity
+            return _log_mean_exp(-(1 - cos) / tau)
         if variant == "hinge":
             return (margin - pairwise_sq_dists(z)).clamp_min(0).pow(2).mean()
         return _covariance_off_diagonal(z)

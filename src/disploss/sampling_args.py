@@ -230,4 +230,4 @@ def build_sample_fn(args: argparse.Namespace, transport, noise_fn: Callable | No
                               diffusion_norm=args.diffusion_norm,
                               last_step=None if args.last_step == "None" else args.last_step,
                               last_step_size=args.last_step_size, num_steps=args.num_sampling_steps,
-                              noise_fn=noise_fn or default_noise)
+                              noise_fn=noise_fn or default_noise, keep_trajectory=False)

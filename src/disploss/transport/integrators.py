@@ -39,10 +39,12 @@ def ode_fixed(f: Field, x: torch.Tensor, ts: torch.Tensor, method: str = "euler"
     return states if keep else [x]
 
 
-def ode_torchdiffeq(f, x, ts: torch.Tensor, method: str, atol: float, rtol: float):
+def ode_torchdiffeq(f, x, ts: torch.Tensor, method: str, atol: float, rtol: float, stop_at_end: bool = False):
     """Any torchdiffeq method (dopri5 by default in the Sampler). x may be a tuple of tensors (likelihood).
 
-    For adaptive methods the grid does not bound the number of field evaluations.
+    For adaptive methods the grid does not bound the number of field evaluations. Their last step normally
+    overshoots ts[-1] (the solver then interpolates back), evaluating the field past the end of the grid;
+    stop_at_end=True makes the last step land on ts[-1] exactly, for fields undefined beyond it.
     """
     from torchdiffeq import odeint
 
@@ -52,7 +54,9 @@ def ode_torchdiffeq(f, x, ts: torch.Tensor, method: str, atol: float, rtol: floa
         return f(state, _tvec(t, first))
 
     n = len(x) if isinstance(x, tuple) else 1
-    return odeint(_fn, x, ts, method=method, atol=[atol] * n, rtol=[rtol] * n)
+    adaptive = method in ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+    options = {"step_t": ts[-1:]} if (stop_at_end and adaptive) else None
+    return odeint(_fn, x, ts, method=method, atol=[atol] * n, rtol=[rtol] * n, options=options)
 
 
 def default_noise(x: torch.Tensor) -> torch.Tensor:
@@ -67,11 +71,12 @@ def sde_integrate(
     ts: torch.Tensor,
     method: str = "Euler",
     noise_fn: Callable[[torch.Tensor], torch.Tensor] = default_noise,
+    keep: bool = True,
 ) -> list[torch.Tensor]:
     """dx = drift dt + sqrt(2 diffusion) dW over ts[0] -> ts[-1], returning the state after each step.
 
     Euler: Euler-Maruyama. Heun: noise first (x_hat = x + sqrt(2 w) dW), then a Heun step of the drift
-    from x_hat (the reference's stochastic Heun). Returns len(ts) - 1 states.
+    from x_hat (the reference's stochastic Heun). Returns len(ts) - 1 states (only the last when keep=False).
     """
     dt = ts[1] - ts[0]
     samples = []
@@ -87,5 +92,6 @@ def sde_integrate(
             x = x_hat + 0.5 * dt * (k1 + k2)
         else:
             raise ValueError(f"unknown SDE method {method!r}; valid choices: Euler, Heun")
-        samples.append(x)
-    return samples
+        if keep:
+            samples.append(x)
+    return samples if keep else [x]

@@ -166,6 +166,14 @@ class VPPath(_Path):
         e = torch.exp(2 * self._m(t))
         return e * (2 * self._dm(t)) / (-2 * self.sigma(t))
 
+    def compute_drift(self, x: torch.Tensor, t: torch.Tensor):
+        """(-beta/2 x, beta/2) with beta = sigma_min + (1 - t)(sigma_max - sigma_min): the generic formula in
+        closed form, as the reference writes it. It needs no sigma_t, so it stays finite for t > 1, where
+        adaptive torchdiffeq solvers evaluate the field when their last step overshoots t1 (sigma_t is NaN
+        there; through the generic formula the score ODE on VP with dopri5 failed with 'underflow in dt')."""
+        beta = self.sigma_min + (1 - expand_t_like_x(t, x)) * (self.sigma_max - self.sigma_min)
+        return -0.5 * beta * x, beta / 2
+
 
 def make_path(path_type: str) -> _Path:
     """'Linear' | 'GVP' | 'VP' -> path object (ValueError listing the choices otherwise)."""

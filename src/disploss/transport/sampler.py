@@ -71,7 +71,9 @@ class Sampler:
             with torch.no_grad():
                 if sampling_method in ODE_FIXED_METHODS:
                     return torch.stack(ode_fixed(field, x, ts, sampling_method, keep=keep_trajectory))
-                out = ode_torchdiffeq(field, x, ts, sampling_method, atol, rtol)
+                # VP's coefficients are undefined past t = 1 (sigma_t is NaN there): never step beyond t1.
+                vp = self.transport.path_type == "VP"
+                out = ode_torchdiffeq(field, x, ts, sampling_method, atol, rtol, stop_at_end=vp)
                 return out if keep_trajectory else out[-1:]
 
         return _sample
@@ -87,6 +89,7 @@ class Sampler:
         last_step_size: float = 0.04,
         num_steps: int = 250,
         noise_fn: Callable[[torch.Tensor], torch.Tensor] = default_noise,
+        keep_trajectory: bool = True,
     ) -> Callable:
         """Reverse-time SDE with the path's marginals: dx = [v + w(t) score] dt + sqrt(2 w(t)) dW.
 
@@ -97,6 +100,7 @@ class Sampler:
                 last_step_size from t1 = 1 - last_step_size to 1.
             noise_fn: draws the Brownian increments' standard normals for a state x; the default draws on
                 the CPU generator like the reference; sample_ddp passes per-image streams.
+            keep_trajectory: False keeps only the final state (the list then holds one element): less memory.
         Returns:
             fn(x, model_fn, **model_kwargs) -> list of num_steps states (the last after the last step).
         """
@@ -128,7 +132,7 @@ class Sampler:
 
             ts = torch.linspace(t0, t1, num_steps, device=x.device)
             with torch.no_grad():
-                xs = sde_integrate(sde_drift, diffusion, x, ts, sampling_method, noise_fn)
+                xs = sde_integrate(sde_drift, diffusion, x, ts, sampling_method, noise_fn, keep=keep_trajectory)
                 last = xs[-1]
                 tt = torch.full((x.shape[0],), t1, device=x.device, dtype=x.dtype)
                 if last_step == "Mean":
@@ -139,6 +143,8 @@ class Sampler:
                     a = path.alpha(tt)[0]
                     s = path.sigma(tt)[0]
                     last = last / a + s**2 / a * tr.score(last, tt, model_fn, **model_kwargs)
+                if not keep_trajectory:
+                    return [last]
                 xs.append(last)
             return xs
 
@@ -198,7 +204,8 @@ class Sampler:
                         xs, acc = xs + dt * 0.5 * (v1 + v2), acc + dt * 0.5 * (d1 + d2)
                 z, delta = xs, acc
             else:
-                traj, deltas = ode_torchdiffeq(field, state, ts, sampling_method, atol, rtol)
+                vp = tr.path_type == "VP"
+                traj, deltas = ode_torchdiffeq(field, state, ts, sampling_method, atol, rtol, stop_at_end=vp)
                 z, delta = traj[-1], deltas[-1]
             # delta = integral from t1 down to t0 of div v = -(integral_t0^t1 div v dt)
             return tr.prior_logp(z) + delta, z
