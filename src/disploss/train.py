@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -82,24 +82,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`disploss train`: 0 when done; one line `disploss train: error: ...` and 2 for a user error (flags,
+    data, checkpoint, run folder), 1 for a non-finite loss; anything else keeps its traceback."""
     cfg = from_namespace(TrainConfig, args)
     try:
         train(cfg)
-    except (ValueError, FileNotFoundError, PermissionError, OSError, RuntimeError) as err:
-        if isinstance(err, NonFiniteError) or _is_user_error(err):
-            print(f"disploss train: error: {err}", file=sys.stderr)
-            return 2
-        raise
+    except NonFiniteError as err:
+        print(f"disploss train: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        print(f"disploss train: error: {_one_line(err)}", file=sys.stderr)
+        return 2
     return 0
+
+
+# A full or read-only disk mid-run is the user's to fix, not a bug: no traceback for these. (An OSError without
+# errno was raised on purpose with an explanation, e.g. load_vae offline.)
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _is_user_error(err: Exception) -> bool:
     # Configuration and input errors carry a message meant for the user; anything else keeps its traceback.
-    return isinstance(err, (ValueError, FileNotFoundError, PermissionError)) or type(err).__name__ in (
-        "NotWritableError",
-        "InsufficientDiskSpaceError",
-        "WandbConfigError",
-    )
+    if isinstance(err, (ValueError, FileNotFoundError, PermissionError, ImportError)):
+        return True
+    if isinstance(err, OSError) and (err.errno is None or err.errno in _USER_ERRNOS):
+        return True
+    return type(err).__name__ in ("NotWritableError", "InsufficientDiskSpaceError", "WandbConfigError")
+
+
+def _one_line(err: Exception) -> str:
+    """The message of `err` on one line; for an error re-raised from a DataLoader worker (whose message is
+    the worker's whole traceback), the original exception's own message."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last  # "pkg.UnreadableImageError: msg" -> msg
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(err).__name__
 
 
 class NonFiniteError(RuntimeError):
@@ -109,17 +129,28 @@ class NonFiniteError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------
 def validate(cfg: TrainConfig, world_size: int) -> None:
     """Check the flags that need no data: one-line errors naming the flag and the valid values."""
-    from disploss.models import parse_model_name
+    from disploss.models import MODEL_PRESETS, parse_model_name
 
-    _, _, _, patch = parse_model_name(cfg.model)
+    if cfg.model not in MODEL_PRESETS:
+        raise ValueError(f"--model {cfg.model!r} is not a known model; valid choices: {', '.join(MODEL_PRESETS)}")
+    depth, _, _, patch = parse_model_name(cfg.model)
+    if cfg.disp and not -depth <= cfg.disp_block < depth:
+        raise ValueError(
+            f"--disp-block {cfg.disp_block} is out of range: {cfg.model} has {depth} blocks "
+            f"(valid: 0..{depth - 1}, or -{depth}..-1 from the end)"
+        )
     if cfg.data_path is None and cfg.latents is None:
         raise ValueError("--data-path is required (or --latents DIR to train from cached latents)")
     if cfg.global_batch_size % world_size:
         raise ValueError(
             f"--global-batch-size {cfg.global_batch_size} is not divisible by the number of processes {world_size}"
         )
-    if cfg.vae == "none" and cfg.image_size % patch:
-        raise ValueError(f"--image-size {cfg.image_size} is not divisible by the patch size {patch} of {cfg.model}")
+    if cfg.vae == "none" and cfg.latents is None and cfg.image_size % patch:
+        near = " or ".join(str(k * patch) for k in (cfg.image_size // patch, cfg.image_size // patch + 1) if k > 0)
+        raise ValueError(
+            f"--image-size {cfg.image_size} is not divisible by the patch size {patch} of --model {cfg.model}; "
+            f"valid sizes nearby: {near}"
+        )
     if cfg.disp and not (cfg.disp_weight > 0 and cfg.disp_tau > 0):
         raise ValueError("--disp-weight and --disp-tau must be positive")
     for name in ("log_every", "ckpt_every", "global_batch_size", "num_classes", "epochs"):
@@ -214,8 +245,7 @@ def train(cfg: TrainConfig) -> Path:
     """Train; returns the run folder. See TrainConfig for the options."""
     from disploss import checkpoint as ckio
     from disploss.ema import EMA
-    from disploss.models import create_model
-    from disploss.rundir import check_writable, checkpoint_size_bytes, create_experiment_dir
+    from disploss.models import create_model, parse_model_name
     from disploss.runlog import RunLogger
     from disploss.transport import create_transport
     from disploss.vae import IdentityCodec
@@ -229,6 +259,27 @@ def train(cfg: TrainConfig) -> Path:
     local_batch = cfg.global_batch_size // world
 
     dataset, codec, in_channels, input_size = build_data(cfg, device)
+    steps_per_epoch = math.ceil(len(dataset) / world) // local_batch  # DistributedSampler pads to a multiple
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the dataset has {len(dataset)} items: fewer than one local batch of {local_batch} per process "
+            "(lower --global-batch-size)"
+        )
+    patch = parse_model_name(cfg.model)[3]
+    if input_size % patch:
+        factor = cfg.image_size // input_size
+        unit = factor * patch
+        near = " or ".join(str(k * unit) for k in (cfg.image_size // unit, cfg.image_size // unit + 1) if k > 0)
+        raise ValueError(
+            f"--image-size {cfg.image_size} gives latents of side {input_size} (VAE factor {factor}), which the patch "
+            f"size {patch} of --model {cfg.model} does not divide; valid sizes nearby: {near}"
+        )
+    # Trained from cached latents: the grids are decoded with the VAE that made them, loaded now to fail early.
+    grid_codec = codec
+    if codec is None and cfg.sample_every > 0:
+        from disploss.vae import load_vae
+
+        grid_codec = load_vae(dataset.vae, device)
     model = create_model(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=cfg.num_classes).to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
     transport = create_transport(cfg.path_type, cfg.prediction, cfg.loss_weight, cfg.train_eps, cfg.sample_eps)
@@ -246,7 +297,7 @@ def train(cfg: TrainConfig) -> Path:
     if ckpt_path is not None:
         state = ckio.load_checkpoint(ckpt_path)
         weights, _ = ckio.load_sit_weights(state, prefer="model")
-        _load_weights(model, weights, ckpt_path)
+        _load_weights(model, weights, ckpt_path, cfg)
         if "opt" in state:
             opt.load_state_dict(state["opt"])
         if "step" in state:  # a disploss training checkpoint: continue that run in its folder
@@ -255,15 +306,9 @@ def train(cfg: TrainConfig) -> Path:
     ema = EMA(model)  # an exact copy of the model (the reference's update_ema(decay=0))
     if state is not None:
         ema_weights, _ = ckio.load_sit_weights(state, prefer="ema")
-        _load_weights(ema.model, ema_weights, ckpt_path)
+        _load_weights(ema.model, ema_weights, ckpt_path, cfg)
 
-    if run_dir is None:
-        run_dir = None if not info.is_main else create_experiment_dir(
-            cfg.results_dir, cfg.model, cfg.path_type, cfg.prediction, cfg.loss_weight
-        )
-        run_dir = Path(dist.broadcast_object(str(run_dir) if run_dir else None))
-    if info.is_main:
-        check_writable(run_dir, min_free_bytes=2 * checkpoint_size_bytes(model))
+    run_dir = _prepare_run_dir(cfg, run_dir, model, info.is_main)
     config = {**dataclasses.asdict(cfg), "model_config": model.config(), "world_size": world, "run_dir": str(run_dir)}
     logger = RunLogger(
         run_dir, resume_step=step if step else None, wandb=cfg.wandb, wandb_config=config, tensorboard=cfg.tensorboard
@@ -284,11 +329,6 @@ def train(cfg: TrainConfig) -> Path:
         pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
         generator=torch.Generator(),  # the loader's own seed draw must not consume the training RNG stream
     )  # fmt: skip
-    steps_per_epoch = len(sampler.inner) // local_batch
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"the dataset has {len(dataset)} items: fewer than one local batch of {local_batch} per process"
-        )
     if state is not None and "rng" in state:
         _restore_rng(state["rng"], rank, world, device, logger)
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
@@ -311,7 +351,8 @@ def train(cfg: TrainConfig) -> Path:
     # -- loop -------------------------------------------------------------------------------------------------
     sums = torch.zeros(4, device=device)  # loss, flow, disp, steps since the last log line
     bad = torch.full((3,), -1.0, device=device)  # first non-finite step, and its term flags (flow, disp)
-    skipped, grad_norm, t_log = 0, torch.zeros((), device=device), time.time()
+    skipped = int(state.get("skipped_steps", 0)) if state is not None else 0
+    grad_norm, t_log = torch.zeros((), device=device), time.time()
     log_start = step
     if info.is_main and step >= max_steps:
         logger.info(f"nothing to do: step {step} >= {max_steps}")
@@ -332,30 +373,35 @@ def train(cfg: TrainConfig) -> Path:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             flow, disp = terms["flow"].detach().mean(), terms["disp"].detach().float()
             finite = torch.isfinite(grad_norm) & torch.isfinite(flow) & torch.isfinite(disp)
+            update = True
             if cfg.on_nonfinite == "skip":  # needs the answer now: one host sync per step
-                if not bool(finite):
+                # Every process must agree (a local loss can be non-finite while the averaged gradient is not).
+                update = float(dist.all_reduce_sum((~finite).float())) == 0
+                if not update:
                     skipped += 1
-                    step += 1
+                    term = _term(not torch.isfinite(flow), not torch.isfinite(disp))
+                    logger.warning(f"step {step + 1}: non-finite {term}; step skipped (--on-nonfinite skip)")
                     opt.zero_grad(set_to_none=True)
-                    continue
             else:  # recorded on the device; checked at log and checkpoint steps (no per-step sync)
                 new_bad = (~finite) & (bad[0] < 0)
                 flags = torch.stack([torch.tensor(float(step + 1), device=device), (~torch.isfinite(flow)).float(), (~torch.isfinite(disp)).float()])
                 bad = torch.where(new_bad, flags, bad)
-            opt.step()
-            ema.update(cfg.ema_decay)
+            if update:
+                opt.step()
+                ema.update(cfg.ema_decay)
+                sums += torch.stack([loss.detach(), flow, disp, torch.ones((), device=device)])
             step += 1
-            sums += torch.stack([loss.detach(), flow, disp, torch.ones((), device=device)])
 
             # -- housekeeping ------------------------------------------------------------------------------
             if step % cfg.log_every == 0 or step == max_steps:
                 _check_finite(bad, cfg)
                 totals = dist.all_reduce_sum(sums) / world
-                n = max(float(totals[3]), 1.0)
+                n = float(totals[3])  # steps that updated the weights (skipped ones are not averaged)
                 dt = time.time() - t_log
                 steps_done = step - log_start
+                mean = [float(v) / n if n else math.nan for v in totals[:3]]
                 metrics = {
-                    "loss": float(totals[0]) / n, "flow": float(totals[1]) / n, "disp": float(totals[2]) / n,
+                    "loss": mean[0], "flow": mean[1], "disp": mean[2],
                     "steps_per_sec": steps_done / dt, "images_per_sec": steps_done * cfg.global_batch_size / dt,
                     "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm), "epoch": epoch,
                     "peak_mem_gb": _peak_memory_gb(device), "skipped_steps": skipped,
@@ -365,9 +411,10 @@ def train(cfg: TrainConfig) -> Path:
                 t_log, log_start = time.time(), step
             if step % cfg.ckpt_every == 0 or step == max_steps:
                 _check_finite(bad, cfg)
-                _save(run_dir, step, model, ema, opt, config, epoch, device, world, logger)
+                _save(run_dir, step, model, ema, opt, config, epoch, device, world, logger, skipped)
             if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == max_steps):
-                _sample_grid(ema.model, codec, transport, cfg, run_dir, step, device, logger, dataset)
+                _check_finite(bad, cfg)
+                _sample_grid(ema.model, grid_codec, transport, cfg, run_dir, step, device, logger)
             if step >= max_steps:
                 break
     logger.info(f"done at step {step}")
@@ -377,22 +424,70 @@ def train(cfg: TrainConfig) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------
-def _load_weights(model: torch.nn.Module, weights: dict, path) -> None:
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    mismatched = [k for k, v in weights.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"checkpoint {path} does not fit the model built from the flags: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}; check --model, --image-size, --num-classes and --vae"
+def _load_weights(model: torch.nn.Module, weights: dict, path, cfg: TrainConfig) -> None:
+    """Load `weights` strictly; a checkpoint of another model size, class count, image size or latent space
+    is a one-line error naming the flags to change (load_state_dict would raise a bare RuntimeError)."""
+    from disploss.checkpoint import _mismatch_causes, infer_sit_config
+
+    model_sd = model.state_dict()
+    fits = weights.keys() == model_sd.keys() and all(weights[k].shape == v.shape for k, v in model_sd.items())
+    if not fits:
+        model_cfg = model.config()
+        causes = _mismatch_causes(
+            infer_sit_config(weights, num_heads=model.num_heads), model_cfg, cfg.image_size,
+            max(cfg.image_size // model_cfg["input_size"], 1),
         )
+        raise ValueError(
+            f"--ckpt {path} does not fit the model built from the flags (--model {cfg.model}, --image-size "
+            f"{cfg.image_size}, --num-classes {cfg.num_classes}, --vae {cfg.vae}): "
+            + ("; ".join(causes) if causes else "its state dict has other keys")
+        )
+    model.load_state_dict(weights, strict=True)
+
+
+def _prepare_run_dir(cfg: TrainConfig, run_dir: Path | None, model: torch.nn.Module, is_main: bool) -> Path:
+    """Rank 0 checks the disk and creates a new experiment folder (or cleans the resumed one); every rank
+    gets the path, or rank 0's error to raise, so that no rank waits forever for a folder that never comes."""
+    from disploss.rundir import check_writable, checkpoint_size_bytes, create_experiment_dir
+
+    result: str | Exception | None = None
+    if is_main:
+        try:
+            # Before anything is created: an unwritable --results-dir or a full disk stops the run here.
+            # Two checkpoints fit at once: the last one and the one being written beside it.
+            check_writable(run_dir or cfg.results_dir, min_free_bytes=2 * checkpoint_size_bytes(model))
+            if run_dir is None:
+                run_dir = create_experiment_dir(
+                    cfg.results_dir, cfg.model, cfg.path_type, cfg.prediction, cfg.loss_weight
+                )
+            else:
+                _remove_stale_temporaries(run_dir / "checkpoints")
+            result = str(run_dir)
+        except Exception as err:  # raised below, on every rank
+            result = err
+    result = dist.broadcast_object(result)
+    if isinstance(result, Exception):
+        raise result
+    return Path(result)
+
+
+def _remove_stale_temporaries(checkpoint_dir: Path) -> None:
+    # A run killed while writing a checkpoint leaves `.{step:07d}.pt.*.tmp` (as big as a checkpoint); nothing
+    # reads them, and repeated kills would fill the disk.
+    for tmp in checkpoint_dir.glob(".*.pt.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _term(flow_bad, disp_bad) -> str:
+    return "flow loss" if flow_bad else "dispersive loss" if disp_bad else "gradient"
 
 
 def _check_finite(bad: torch.Tensor, cfg: TrainConfig) -> None:
     first, flow_bad, disp_bad = bad.tolist()
     if first >= 0:
-        term = "flow loss" if flow_bad else "dispersive loss" if disp_bad else "gradient"
         raise NonFiniteError(
-            f"non-finite {term} at step {int(first)}; the last checkpoint written before it is intact. "
+            f"non-finite {_term(flow_bad, disp_bad)} at step {int(first)}; the last checkpoint written before it "
+            "is intact. "
             "Lower --lr, set --grad-clip, or pass --on-nonfinite skip to skip such steps"
         )
 
@@ -421,7 +516,7 @@ def _restore_rng(states: list, rank: int, world: int, device: torch.device, logg
         torch.cuda.set_rng_state(states[rank]["cuda"], device)
 
 
-def _save(run_dir: Path, step, model, ema, opt, config, epoch, device, world, logger) -> None:
+def _save(run_dir: Path, step, model, ema, opt, config, epoch, device, world, logger, skipped: int) -> None:
     from disploss.checkpoint import checkpoint_path, save_checkpoint
 
     rng = [_rng_state(device)]
@@ -432,7 +527,8 @@ def _save(run_dir: Path, step, model, ema, opt, config, epoch, device, world, lo
     if dist.is_main():
         state = {
             "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": config,
-            "step": step, "epoch": epoch, "rng": rng, "format": "disploss-train-v1",
+            "step": step, "epoch": epoch, "rng": rng, "skipped_steps": skipped,
+            "format": "disploss-train-v1",
         }  # fmt: skip
         path = save_checkpoint(checkpoint_path(run_dir / "checkpoints", step), state)
         logger.info(f"saved checkpoint {path}")
@@ -447,17 +543,14 @@ def grid_labels(num_classes: int) -> tuple[list[int], int]:
 
 
 @torch.no_grad()
-def _sample_grid(ema_model, codec, transport, cfg, run_dir, step, device, logger, dataset) -> None:
+def _sample_grid(ema_model, codec, transport, cfg, run_dir, step, device, logger) -> None:
     """A class-conditional grid from the EMA weights (rank 0), fixed noise, Heun ODE, the run's own classes."""
     from disploss.imageio import save_grid, to_uint8
     from disploss.transport import Sampler
-    from disploss.vae import load_vae
 
     if not dist.is_main():
         dist.barrier()
         return
-    if codec is None:  # trained from cached latents: decode with the VAE they were made with
-        codec = load_vae(dataset.vae, device)
     classes, per_row = grid_labels(cfg.num_classes)
     y = torch.tensor([c for c in classes for _ in range(per_row)], device=device)
     gen = torch.Generator().manual_seed(cfg.global_seed)

@@ -1,0 +1,338 @@
+"""What `disploss train` does when things go wrong (issue 5). Each test fails without the protection it names:
+- kill -9 at any moment, mid-checkpoint-write included: never a partial checkpoint; the same command with
+  `--ckpt latest` continues from the last complete one and ends with the weights of an uninterrupted run;
+- a non-finite loss or gradient: an error naming the step and the term, the last good checkpoint intact; or,
+  with `--on-nonfinite skip`, the step skipped and counted;
+- checkpoints that carry code: refused, with the convert-checkpoint command;
+- unreadable images skipped with a warning naming each (or an error); empty folders named; never a hang;
+- the run folder: an unwritable --results-dir, a full disk (before training and mid-run), one folder per run.
+Flag errors (one line naming the flag and the valid values) are in test_cli.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import math
+import textwrap
+
+import pytest
+import torch
+
+from disploss.checkpoint import UnsafeCheckpointError, load_checkpoint
+from disploss.data import BadImageWarning
+from disploss.models import create_model
+from disploss.transport.transport import Transport
+from trainkit import (
+    SHIM, load, make_image_folder, max_abs_diff, only_run, run_dirs, run_python, tiny_flags, torchrun, train_cli,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def error_line(capsys) -> str:
+    """The one line `disploss train` printed to stderr (asserting it is one line, not a traceback)."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("disploss train: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def checkpoint_names(run) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+# -- 1. kill -9 -----------------------------------------------------------------------------------------------
+# Runs `disploss train ARGS` and SIGKILLs itself: KILL_MODE=save halfway through writing checkpoint KILL_AT
+# (the bytes written so far are fsynced, as a real crash would leave them), KILL_MODE=step inside the forward
+# pass of step KILL_AT. Test-only: the package has no kill hook.
+KILLER = textwrap.dedent(
+    """
+    import io, os, signal, sys
+    import torch
+
+    mode, at, count = os.environ["KILL_MODE"], int(os.environ["KILL_AT"]), [0]
+    if mode == "save":
+        real_save = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            count[0] += 1
+            if count[0] < at:
+                return real_save(obj, f, *args, **kwargs)
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            with open(f, "wb") as out:
+                out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                out.flush()
+                os.fsync(out.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = save
+    else:
+        import disploss.transport.transport as transport_module
+
+        real_losses = transport_module.Transport.training_losses
+
+        def losses(self, *args, **kwargs):
+            count[0] += 1
+            if count[0] == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_losses(self, *args, **kwargs)
+
+        transport_module.Transport.training_losses = losses
+    from disploss.cli import run_command
+
+    sys.exit(run_command("train", sys.argv[1:]))
+    """
+)
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(images, tmp_path_factory):
+    results = tmp_path_factory.mktemp("uninterrupted")
+    assert train_cli(tiny_flags(images, results, steps=STEPS, disp=True)) == 0
+    return load(only_run(results) / "checkpoints" / f"{STEPS:07d}.pt")
+
+
+@pytest.mark.parametrize("mode, at, last_complete", [("save", 3, 2), ("step", 4, 3)])
+def test_kill_9_then_same_command_resumes_exactly(images, tmp_path, capsys, uninterrupted, mode, at, last_complete):
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    command = tiny_flags(images, tmp_path / "results", steps=STEPS, disp=True, ckpt="latest")
+    proc = run_python([killer, *command], tmp_path, KILL_MODE=mode, KILL_AT=str(at))
+    assert proc.returncode == -9, proc.stderr[-3000:]
+
+    run = only_run(tmp_path / "results")
+    complete = [f"{s:07d}.pt" for s in range(1, last_complete + 1)]
+    names = checkpoint_names(run)
+    assert [n for n in names if n.endswith(".pt")] == complete  # the one being written never got its name
+    if mode == "save":
+        assert any(n.startswith(f".{at:07d}.pt.") and n.endswith(".tmp") for n in names)  # the partial write
+    for name in complete:
+        load_checkpoint(run / "checkpoints" / name)  # every checkpoint file is whole
+
+    capsys.readouterr()
+    assert train_cli(command) == 0  # the same command
+    assert f"resumed from {run / 'checkpoints' / complete[-1]} at step {last_complete}" in capsys.readouterr().out
+    assert checkpoint_names(run) == [f"{s:07d}.pt" for s in range(1, STEPS + 1)]  # stale temporary file removed
+    final = load(run / "checkpoints" / f"{STEPS:07d}.pt")
+    assert max_abs_diff(final["model"], uninterrupted["model"]) <= 1e-5
+    assert max_abs_diff(final["ema"], uninterrupted["ema"]) <= 1e-5
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+
+
+# -- 2. non-finite loss or gradient ---------------------------------------------------------------------------
+def inject_nan(monkeypatch, term: str, at: int) -> None:
+    """Make training step `at` non-finite: its flow or dispersive term (and so the loss and the gradient), or
+    only the gradient (the loss is multiplied by NaN, the logged terms stay finite)."""
+    real = Transport.training_losses
+    count = [0]
+
+    def losses(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        count[0] += 1
+        if count[0] == at:
+            out = dict(out)
+            if term in ("flow", "disp"):
+                out[term] = out[term] * math.nan
+            out["loss"] = out["loss"] * math.nan
+        return out
+
+    monkeypatch.setattr(Transport, "training_losses", losses)
+
+
+@pytest.mark.parametrize(
+    "term, at, ckpt_every, message",
+    [
+        ("flow", 3, 1, "non-finite flow loss at step 3"),
+        ("disp", 3, 2, "non-finite dispersive loss at step 3"),  # found at the step-4 checkpoint, not saved
+        ("grad", 1, 1, "non-finite gradient at step 1"),
+    ],
+)
+def test_nonfinite_stops_with_the_step_and_term(images, tmp_path, monkeypatch, capsys, term, at, ckpt_every, message):
+    inject_nan(monkeypatch, term, at)
+    assert train_cli(tiny_flags(images, tmp_path, steps=5, disp=True, ckpt_every=ckpt_every, log_every=5)) == 1
+    assert message in error_line(capsys)
+    run = only_run(tmp_path)
+    good = [s for s in range(1, at) if s % ckpt_every == 0]
+    assert checkpoint_names(run) == [f"{s:07d}.pt" for s in good]  # nothing written after the bad step
+    for s in good:
+        state = load(run / "checkpoints" / f"{s:07d}.pt")
+        assert all(torch.isfinite(v).all() for v in [*state["model"].values(), *state["ema"].values()])
+
+
+@pytest.mark.parametrize("at", [2, 3])  # a middle step, and the last one
+def test_nonfinite_skip_counts_and_continues(images, tmp_path, monkeypatch, capsys, at):
+    inject_nan(monkeypatch, "flow", at)
+    assert train_cli(tiny_flags(images, tmp_path, steps=3, disp=True, on_nonfinite="skip")) == 0
+    assert f"step {at}: non-finite flow loss; step skipped" in capsys.readouterr().out
+    run = only_run(tmp_path)
+    assert checkpoint_names(run) == ["0000001.pt", "0000002.pt", "0000003.pt"]  # no step lost, none extra
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    assert [m["skipped_steps"] for m in lines] == [int(s >= at) for s in (1, 2, 3)]
+    assert lines[at - 1]["loss"] == "NaN"  # a log window of skipped steps only has no mean
+    before, after = (load(run / "checkpoints" / f"{s:07d}.pt") for s in (at - 1, at))
+    assert max_abs_diff(before["model"], after["model"]) == 0  # the skipped step changed nothing
+    assert max_abs_diff(before["ema"], after["ema"]) == 0
+    assert after["skipped_steps"] == 1
+    monkeypatch.undo()
+    assert train_cli(tiny_flags(images, tmp_path, steps=4, disp=True, ckpt="latest")) == 0  # the count is kept
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["skipped_steps"] == 1
+
+
+# -- 3. checkpoints that carry code ---------------------------------------------------------------------------
+def pickled_checkpoint(path):
+    """A checkpoint as the reference wrote it: the weights plus an argparse.Namespace (a pickled class)."""
+    model = create_model("SiT-T/2", input_size=8, in_channels=3, num_classes=3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": argparse.Namespace(model="SiT-T/2")},
+               path)
+    return path
+
+
+def test_code_carrying_checkpoint_refused_by_train_and_loader(images, tmp_path, capsys):
+    path = pickled_checkpoint(tmp_path / "old.pt")
+    with pytest.raises(UnsafeCheckpointError, match="convert-checkpoint"):
+        load_checkpoint(path)
+    assert train_cli(tiny_flags(images, tmp_path / "results", steps=1, ckpt=path)) == 2
+    assert "disploss convert-checkpoint" in error_line(capsys)
+    assert not (tmp_path / "results").exists()  # refused before anything was created
+
+
+def test_code_carrying_checkpoint_refused_by_ckpt_latest(images, tmp_path, capsys):
+    results = tmp_path / "results"
+    pickled_checkpoint(results / "000-SiT-T-2-Linear-velocity-None" / "checkpoints" / "0000007.pt")
+    assert train_cli(tiny_flags(images, results, steps=1, ckpt="latest")) == 2  # not a silent fresh start
+    assert "disploss convert-checkpoint" in error_line(capsys)
+    assert len(run_dirs(results)) == 1
+
+
+# -- 4. data --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def bad_images(tmp_path):
+    """2 classes x 3 good PNGs, plus a truncated PNG and a text file named .png: 8 files, one batch."""
+    root = make_image_folder(tmp_path / "bad_images", classes=2, per_class=3)
+    good = (root / "class_0" / "0.png").read_bytes()
+    (root / "class_0" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "class_1" / "notes.png").write_text("not an image\n")
+    return root
+
+
+@pytest.mark.timeout(120)
+def test_bad_images_skipped_with_a_warning_naming_each(bad_images, tmp_path):
+    with pytest.warns(BadImageWarning) as caught:
+        assert train_cli(tiny_flags(bad_images, tmp_path / "results", steps=1)) == 0
+    text = "\n".join(str(w.message) for w in caught)
+    assert "truncated.png" in text and "notes.png" in text
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 1])  # with a worker the error crosses a process: still one line
+def test_bad_image_error_policy(bad_images, tmp_path, capsys, workers):
+    flags = tiny_flags(bad_images, tmp_path / "results", steps=1, on_bad_image="error", num_workers=workers)
+    assert train_cli(flags) == 2
+    line = error_line(capsys)
+    assert "cannot read image file" in line and ("truncated.png" in line or "notes.png" in line)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore::disploss.data.BadImageWarning")
+def test_no_readable_image_is_an_error_not_a_hang(tmp_path, capsys):
+    root = tmp_path / "broken"
+    (root / "a").mkdir(parents=True)
+    for i in range(3):
+        (root / "a" / f"{i}.png").write_text("nope")
+    assert train_cli(tiny_flags(root, tmp_path / "results", steps=1, global_batch_size=2)) == 2
+    assert f"no readable image file under {root}" in error_line(capsys)
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "empty_class", "loose_files"])
+def test_dataset_folder_errors_name_the_folder(tmp_path, capsys, layout):
+    root = tmp_path / "data"
+    if layout != "missing":
+        root.mkdir()
+    if layout == "empty_class":
+        make_image_folder(root, classes=1, per_class=2)
+        (root / "class_9").mkdir()
+    if layout == "loose_files":
+        make_image_folder(tmp_path / "x", classes=1, per_class=2)
+        (tmp_path / "x" / "class_0").rename(root / "flat")
+        for f in (root / "flat").iterdir():
+            f.rename(root / f.name)
+        (root / "flat").rmdir()
+    assert train_cli(tiny_flags(root, tmp_path / "results", steps=1)) == 2
+    line = error_line(capsys)
+    assert str(root) in line
+    if layout == "empty_class":
+        assert "class_9" in line
+
+
+# -- 5. the run folder ----------------------------------------------------------------------------------------
+def test_results_dir_under_a_regular_file(images, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert train_cli(tiny_flags(images, blocker / "results", steps=1)) == 2
+    assert "cannot create the folder" in error_line(capsys)
+
+
+@pytest.mark.timeout(180)
+def test_results_dir_error_reaches_every_process(images, tmp_path):
+    """Only rank 0 creates the run folder; its error is sent to rank 1, which would otherwise wait for the
+    folder's name until the collective timeout (30 minutes)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = torchrun(2, [SHIM, *tiny_flags(images, blocker / "results", steps=1)], tmp_path, timeout=150)
+    assert proc.returncode != 0
+    assert proc.stderr.count("disploss train: error: cannot create the folder") == 2, proc.stderr[-3000:]
+
+
+def test_full_disk_detected_before_training(images, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from disploss import rundir
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
+    assert train_cli(tiny_flags(images, tmp_path / "results", steps=1)) == 2
+    assert "not enough free disk space" in error_line(capsys)
+    assert not (tmp_path / "results").exists() or not run_dirs(tmp_path / "results")  # no folder, no step
+
+
+def test_disk_full_while_saving_keeps_the_last_checkpoint(images, tmp_path, monkeypatch, capsys):
+    real_save, count = torch.save, [0]
+
+    def save(obj, f, *args, **kwargs):
+        count[0] += 1
+        if count[0] == 2:
+            with open(f, "wb") as out:
+                out.write(b"PK\x03\x04 half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert train_cli(tiny_flags(images, tmp_path, steps=3)) == 2
+    assert "No space left on device" in error_line(capsys)
+    run = only_run(tmp_path)
+    assert checkpoint_names(run) == ["0000001.pt"]  # no partial or temporary file left
+    load_checkpoint(run / "checkpoints" / "0000001.pt")
+
+
+def test_each_run_gets_its_own_folder(images, tmp_path):
+    for _ in range(2):
+        assert train_cli(tiny_flags(images, tmp_path, steps=1)) == 0
+    assert [p.name[:4] for p in run_dirs(tmp_path)] == ["000-", "001-"]
+    # concurrent runs: tests/test_rundir.py::test_concurrent_processes_never_share
