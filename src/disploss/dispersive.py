@@ -37,11 +37,50 @@ def pairwise_sq_dists(z: torch.Tensor) -> torch.Tensor:
         (B, B), exactly zero on the diagonal and never negative.
     """
     z = z - z.mean(dim=0, keepdim=True)  # distances are translation invariant; centring cuts round-off
-    sq = (z * z).sum(dim=1)  # (B,)
-    gram = z @ z.t()  # (B, B)
+    gram = _gram(z)  # (B, B)
+    sq = gram.diagonal()  # (B,)
     d = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
     d = d * (1 - torch.eye(len(z), dtype=d.dtype, device=d.device))  # i == j is exactly 0
     return d / z.shape[1]
+
+
+def _gram(zc: torch.Tensor) -> torch.Tensor:
+    # On CUDA, fp32 matmuls may run in TF32 (10-bit mantissa), which would swamp small distances next to large
+    # norms; the (B, M) x (M, B) product is tiny, so do it in float64 there. CPUs have no TF32.
+    if zc.device.type == "cuda" and zc.dtype == torch.float32:
+        return (zc.double() @ zc.double().t()).float()
+    return zc @ zc.t()
+
+
+class _InfoNCEL2(torch.autograd.Function):
+    """log mean_ij exp(-||z_i - z_j||^2 / (M tau)) with a hand-written backward: one (B, B) x (B, M) matmul.
+
+    With w = softmax over all B*B entries of -d / tau and A = -(w + w^T) / tau, the gradient is
+        dL/dz = (2 / M) (diag(A 1) - A) z,
+    whose rows sum to zero, so centring z (done in forward for round-off) needs no term in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, tau: float) -> torch.Tensor:  # z (B, M)
+        B, M = z.shape
+        zc = z - z.mean(dim=0, keepdim=True)
+        gram = _gram(zc)  # (B, B)
+        sq = gram.diagonal()
+        d = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
+        d.fill_diagonal_(0)
+        logits = (-d / (M * tau)).reshape(-1)
+        lse = torch.logsumexp(logits, dim=0)
+        ctx.save_for_backward(z, (logits - lse).exp().reshape(B, B))
+        ctx.tau = tau
+        return lse - math.log(B * B)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        z, w = ctx.saved_tensors
+        B, M = z.shape
+        a = -(w + w.t()) / ctx.tau  # (B, B) = dL/dd_ij + dL/dd_ji
+        k = torch.diag(a.sum(dim=1)) - a
+        return (grad_out * (2.0 / M)) * (k.to(z.dtype) @ z), None
 
 
 def _log_mean_exp(logits: torch.Tensor) -> torch.Tensor:
@@ -87,7 +126,7 @@ def dispersive_loss(
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.reshape(z.shape[0], -1).to(_compute_dtype(z))  # (B, M)
         if variant == "infonce_l2":
-            return _log_mean_exp(-pairwise_sq_dists(z) / tau)
+            return _InfoNCEL2.apply(z, float(tau))
         if variant == "infonce_cosine":
             zn = torch.nn.functional.normalize(z, dim=1)
             eye = torch.eye(len(z), dtype=torch.bool, device=z.device)

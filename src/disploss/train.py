@@ -283,10 +283,7 @@ def train(cfg: TrainConfig) -> Path:
     model = create_model(cfg.model, input_size=input_size, in_channels=in_channels, num_classes=cfg.num_classes).to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
     transport = create_transport(cfg.path_type, cfg.prediction, cfg.loss_weight, cfg.train_eps, cfg.sample_eps)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay,
-        fused=device.type == "cuda",
-    )  # fmt: skip
+    opt = make_adamw(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
 
     # -- resume -----------------------------------------------------------------------------------------------
     ckpt_path = cfg.ckpt
@@ -424,6 +421,18 @@ def train(cfg: TrainConfig) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------
+def make_adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (CUDA, and CPU since torch 2.4), else the default foreach one.
+
+    Fused and foreach compute the same update (tests/test_fast_paths.py); fused is one kernel per step.
+    """
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # this torch has no fused kernel for the device
+        return torch.optim.AdamW(params, **kwargs)
+
+
 def _load_weights(model: torch.nn.Module, weights: dict, path, cfg: TrainConfig) -> None:
     """Load `weights` strictly; a checkpoint of another model size, class count, image size or latent space
     is a one-line error naming the flags to change (load_state_dict would raise a bare RuntimeError)."""

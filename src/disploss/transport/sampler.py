@@ -126,9 +126,8 @@ class Sampler:
 
         def _sample(x, model_fn, **model_kwargs):
             def sde_drift(state, t):
-                return tr.drift(state, t, model_fn, **model_kwargs) + diffusion(state, t) * tr.score(
-                    state, t, model_fn, **model_kwargs
-                )
+                velocity, score = tr.drift_and_score(state, t, model_fn, **model_kwargs)  # one model call
+                return velocity + diffusion(state, t) * score
 
             ts = torch.linspace(t0, t1, num_steps, device=x.device)
             with torch.no_grad():

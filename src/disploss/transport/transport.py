@@ -179,6 +179,16 @@ class Transport:
             raise ValueError(f"model output shape {tuple(v.shape)} does not match its input {tuple(x.shape)}")
         return v
 
+    def drift_and_score(self, x: torch.Tensor, t: torch.Tensor, model: Callable, **model_kwargs):
+        """(velocity, score) from ONE model call (the reference called the model once for each)."""
+        out = model(x, t, **model_kwargs)
+        if out.shape != x.shape:
+            raise ValueError(f"model output shape {tuple(out.shape)} does not match its input {tuple(x.shape)}")
+        if self.prediction == "velocity":
+            return out, self.path.score_from_velocity(out, x, t)
+        score = out if self.prediction == "score" else self.path.score_from_noise(out, x, t)
+        return self.path.velocity_from_score(score, x, t), score
+
     def score(self, x: torch.Tensor, t: torch.Tensor, model: Callable, **model_kwargs) -> torch.Tensor:
         """The score grad log p_t(x) from the model's prediction."""
         out = model(x, t, **model_kwargs)

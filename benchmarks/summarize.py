@@ -1,0 +1,88 @@
+"""Print the headline numbers of `disploss bench --json` files as Markdown rows (stdlib only).
+
+    python3 benchmarks/summarize.py OUT/*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _f(value, digits: int = 1, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.{digits}f}%" if pct else f"{value:.{digits}f}"
+
+
+def summarize(path: Path) -> list[str]:
+    r = json.loads(path.read_text())
+    c, m = r["config"], r["meta"]
+    where = f"{m['device_name']}, torch {m['torch']}, {m['torch_threads']} thread(s), load {m.get('load_average_start')}"
+    model = f"{c['model']} {c['input_size']}x{c['input_size']}x{c['in_channels']} " if m.get("parameters") else ""
+    setup = f"{model}{c['precision']}{' +compile' if c['compile'] else ''}"
+    rows = [f"### {path.name}: {setup} ({where})", ""]
+    if "train" in r:
+        t = r["train"]
+        rows += ["| variant | batch | ms/step (median) | ms/step (min) | img/s | peak mem GB | model TFLOP/s | MFU | MFU vs 790 |",
+                 "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name in ("ours_nodisp", "ours_disp", "reference_nodisp", "reference_disp"):
+            if name in t:
+                v = t[name]
+                rows.append(
+                    f"| {name} | {t['batch']} | {_f(v['step_ms'])} | {_f(v['step_ms_min'])} | {_f(v['images_per_sec'])} "
+                    f"| {_f(v['peak_mem_gb'], 2)} | {_f(v['model_tflops'], 3)} | {_f(v.get('mfu'), 1, True)} "
+                    f"| {_f(v.get('mfu_vs_measured_790'), 1, True)} |"
+                )
+        rows.append("")
+        rows.append(
+            f"dispersive term: {_f(t['disp_share_of_step'], 1, True)} of the step (medians), "
+            f"{_f(t['disp_share_of_step_min'], 1, True)} (minima), {_f(t['disp_term_share_of_step'], 1, True)} "
+            f"(the loss alone, {_f(t['disp_term_ms'], 2)} ms); reference: {t['reference'].get('status')}"
+        )
+        if "speedup_nodisp" in t["reference"]:
+            ref = t["reference"]
+            rows.append(
+                f"reference/ours step time: {_f(ref['speedup_nodisp'], 2)}x without disp, {_f(ref['speedup_disp'], 2)}x "
+                f"with (minima {_f(ref['speedup_nodisp_min'], 2)}x, {_f(ref['speedup_disp_min'], 2)}x); forward max "
+                f"abs diff {ref['forward_max_abs_diff']:.2e}"
+            )
+        rows.append("")
+    if "dispersive" in r:
+        d = r["dispersive"]
+        rows.append(
+            f"dispersive loss alone, B={d['B']} M={d['M']} fwd+bwd: ours {_f(d['ours_ms'], 2)} ms (min "
+            f"{_f(d['ours_ms_min'], 2)}), reference formula {_f(d['reference_ms'], 2)} ms (min {_f(d['reference_ms_min'], 2)}): "
+            f"{_f(d['speedup'], 2)}x; |diff| {d['abs_diff']:.1e}"
+        )
+        rows.append("")
+    if "sampling" in r:
+        s = r["sampling"]
+        rows += [f"sampling, batch {s['batch']} x {s['batches']}, {s['num_steps']} grid points, no guidance:", "",
+                 "| sampler | img/s | NFE/image | ms/NFE | model TFLOP/s | MFU |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for name in ("dopri5", "euler", "heun2", "sde-euler"):
+            if name in s:
+                v = s[name]
+                if "images_per_sec" not in v:
+                    rows.append(f"| {name} | {v.get('status')} | | | | |")
+                    continue
+                rows.append(
+                    f"| {name} | {_f(v['images_per_sec'], 2)} | {_f(v['nfe_per_image'], 0)} | {_f(v['ms_per_nfe'])} "
+                    f"| {_f(v['model_tflops'], 3)} | {_f(v.get('mfu'), 1, True)} |"
+                )
+        rows.append("")
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    for name in argv:
+        try:
+            print("\n".join(summarize(Path(name))))
+        except (OSError, KeyError, ValueError) as err:
+            print(f"{name}: cannot summarise: {type(err).__name__}: {err}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,150 @@
+"""`disploss bench`: --quick runs in CI through disploss.cli.main and writes a JSON of finite positive numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from disploss.cli import main
+
+STEP_KEYS = ("step_ms", "step_ms_min", "images_per_sec", "images_per_sec_best", "peak_mem_gb", "model_tflops")
+
+
+def _positive(value, where: str) -> None:
+    assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (where, value)
+
+
+def _run(tmp_path, *argv) -> dict:
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--json", str(out), *argv]) == 0
+    return json.loads(out.read_text())
+
+
+def test_quick_writes_every_number(tmp_path, capsys):
+    report = _run(tmp_path)
+    assert {"meta", "config", "train", "dispersive", "sampling"} <= report.keys()
+    meta = report["meta"]
+    assert meta["device"] == "cpu" and "3 x 2 x" in meta["flops_convention"]
+    _positive(meta["forward_macs_per_image"], "macs")
+
+    train = report["train"]
+    for variant in ("ours_nodisp", "ours_disp"):
+        for key in STEP_KEYS:
+            _positive(train[variant][key], f"{variant}.{key}")
+        assert len(train[variant]["step_ms_all"]) == report["config"]["steps"]
+        assert "mfu" not in train[variant]  # MFU only against a GPU peak
+    _positive(train["disp_term_ms"], "disp_term_ms")
+    _positive(train["disp_term_share_of_step"], "disp_term_share_of_step")
+    for key in ("disp_share_of_step", "disp_share_of_step_min"):  # differences of noisy timings: any sign
+        assert math.isfinite(train[key]) and train[key] < 1
+    assert train["reference"]["status"].startswith("not requested")
+
+    disp = report["dispersive"]
+    for key in ("ours_ms", "reference_ms", "speedup", "ours_ms_min", "reference_ms_min"):
+        _positive(disp[key], f"dispersive.{key}")
+    assert (disp["B"], disp["M"]) == (8, 4096)
+    assert disp["abs_diff"] < 1e-4 and -math.log(8) <= disp["ours_value"] <= 0
+
+    sampling = report["sampling"]
+    steps = sampling["num_steps"]
+    for name in ("dopri5", "euler", "heun2", "sde-euler"):
+        for key in ("images_per_sec", "nfe_per_image", "ms_per_nfe", "model_tflops"):
+            _positive(sampling[name][key], f"{name}.{key}")
+    assert sampling["euler"]["nfe_per_image"] == steps - 1
+    assert sampling["heun2"]["nfe_per_image"] == 2 * (steps - 1)
+    printed = capsys.readouterr().out
+    assert "ours_disp" in printed and "NFE/image" in printed and "wrote" in printed
+
+
+def test_reference_models_are_timed_side_by_side(tmp_path):
+    """A stand-in reference checkout (our own presets under the reference's module interface, so no timm)."""
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "models.py").write_text("from disploss.models import MODEL_PRESETS as SiT_models\n")
+    report = _run(tmp_path, "--sections", "train", "--steps", "1", "--warmup", "0", "--reference-path", str(ref))
+    reference = report["train"]["reference"]
+    assert reference["status"] == "ok"
+    assert reference["forward_max_abs_diff"] == 0.0  # same weights, same code: the same function
+    for key in ("speedup_nodisp", "speedup_disp", "speedup_nodisp_min", "speedup_disp_min"):
+        _positive(reference[key], key)
+    for variant in ("reference_nodisp", "reference_disp"):
+        for key in STEP_KEYS:
+            _positive(report["train"][variant][key], f"{variant}.{key}")
+    assert "dispersive" not in report and "sampling" not in report
+
+
+def test_reference_needing_a_missing_module_is_reported(tmp_path):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "models.py").write_text("from timm_that_is_not_installed.layers import Mlp\nSiT_models = {}\n")
+    report = _run(tmp_path, "--sections", "train,disp", "--steps", "1", "--warmup", "0", "--reference-path", str(ref))
+    status = report["train"]["reference"]["status"]
+    assert "needs 'timm_that_is_not_installed'" in status and "timm" in status
+    assert "reference_nodisp" not in report["train"]
+    _positive(report["dispersive"]["reference_ms"], "the reference formula is still timed")
+
+
+def test_reference_path_without_models_py(tmp_path):
+    report = _run(tmp_path, "--sections", "train", "--steps", "1", "--warmup", "0", "--reference-path", str(tmp_path))
+    assert "does not exist" in report["train"]["reference"]["status"]
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--sections", "train,nope"], "--sections: unknown ['nope']; valid choices: train, disp, sample"),
+        (["--samplers", "rk45"], "valid choices: dopri5, euler, heun2, sde-euler"),
+        (["--model", "SiT-XXL/2"], "unknown model 'SiT-XXL/2'"),
+        (["--batch", "0"], "--batch must be at least 1"),
+        (["--sample-steps", "1"], "--sample-steps must be at least 2"),
+        (["--model", "SiT-S/4", "--input-size", "6"], "input size 6 is not divisible by the patch size 4"),
+        (["--peak-tflops", "0"], "--peak-tflops must be positive"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(capsys, argv, expected):
+    assert main(["bench", "--quick", *argv]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
+
+
+def test_sizes_and_defaults():
+    from disploss.bench import resolve
+    from disploss.cli import build_parser
+
+    parser = build_parser("bench")
+    full = resolve(parser.parse_args([]))
+    assert (full.model, full.batch, full.input_size, full.disp_batch, full.disp_dim) == ("SiT-XL/2", 32, 32, 32, 294912)
+    assert full.sample_batch == 32 and full.precision == "tf32"
+    assert resolve(parser.parse_args(["--image-size", "512"])).input_size == 64
+    quick = resolve(parser.parse_args(["--quick", "--model", "SiT-S/2", "--input-size", "16"]))
+    assert (quick.model, quick.input_size, quick.batch) == ("SiT-S/2", 16, 4)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--image-size", "256", "--input-size", "32"])
+
+
+def test_mfu_convention():
+    from disploss.bench import _MFU
+
+    cuda = _MFU(torch.device("cuda"), "bf16", 989.0)(989e12)
+    assert cuda == {"model_tflops": 989.0, "mfu": 1.0, "mfu_vs_measured_790": pytest.approx(989 / 790)}
+    assert _MFU(torch.device("cuda"), "tf32", 494.7)(494.7e12)["mfu"] == pytest.approx(1.0)
+    assert _MFU(torch.device("cpu"), "fp32", 66.9)(1e12) == {"model_tflops": 1.0}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_quick_on_cuda_reports_mfu(tmp_path):
+    report = _run(tmp_path, "--device", "cuda", "--precision", "bf16")
+    for variant in ("ours_nodisp", "ours_disp"):
+        _positive(report["train"][variant]["mfu"], "mfu")
+        _positive(report["train"][variant]["mfu_vs_measured_790"], "mfu_vs_measured_790")
+    assert report["meta"]["peak_tflops"] == 989.0
+
+
+def test_global_settings_are_restored(tmp_path):
+    before = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32)
+    _run(tmp_path, "--sections", "disp", "--threads", "1", "--precision", "tf32", "--steps", "1", "--warmup", "0")
+    assert (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32) == before
