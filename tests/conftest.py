@@ -60,9 +60,9 @@ def tiny_sit_factory():
     return make_tiny_sit
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def single_thread():
-    """One intra-op thread for the test: the CPUs are shared, and on small tensors torch's thread pool only
+    """One intra-op thread for every test: the CPUs are shared, and on small tensors torch's thread pool only
     adds contention (an SDE test ran 20x slower with 2 threads on a loaded machine)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)

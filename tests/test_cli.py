@@ -14,7 +14,7 @@ from disploss.checkpoint import save_checkpoint
 from disploss.cli import build_parser
 from disploss.cli import main as cli_main
 from disploss.models import create_model
-from trainkit import SHIM, make_image_folder, run_python, save_tiny_vae, tiny_flags, train_cli
+from trainkit import SHIM, error_line, make_image_folder, run_python, save_tiny_vae, tiny_flags, train_cli
 
 REFERENCE_FLAGS = [
     "--data-path", "d", "--results-dir", "r", "--model", "SiT-B/2", "--image-size", "512", "--num-classes", "10",
@@ -25,23 +25,11 @@ REFERENCE_FLAGS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("images"))
 
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("disploss train: error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def test_every_reference_flag_parses():

@@ -223,7 +223,7 @@ def test_grid_arms_are_unique_and_cover_the_variants():
     assert len(names) == len(set(names)) == 2 + 3 + 8
     assert {a.variant for a in arms if a.disp} == set(ex.VARIANTS)
     assert sum(1 for a in arms if a.disp and (a.weight, a.tau) == (0.25, 1.0) and a.variant == "infonce_l2") == 1
-    assert ex.DigitsConfig().arms() == [ex.BASELINE, ex.DISPERSIVE]
+    assert ex.DigitsConfig().arms() == [ex.BASELINE, ex.DISPERSIVE, ex.DISPERSIVE_COSINE]
 
 
 @pytest.mark.parametrize(

@@ -25,28 +25,16 @@ from disploss.data import BadImageWarning
 from disploss.models import create_model
 from disploss.transport.transport import Transport
 from trainkit import (
-    SHIM, load, make_image_folder, max_abs_diff, only_run, run_dirs, run_python, tiny_flags, torchrun, train_cli,
+    SHIM, error_line, load, make_image_folder, max_abs_diff, only_run, run_dirs, run_python, tiny_flags, torchrun,
+    train_cli,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("images"))
 
-
-def error_line(capsys) -> str:
-    """The one line `disploss train` printed to stderr (asserting it is one line, not a traceback)."""
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("disploss train: error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def checkpoint_names(run) -> list[str]:

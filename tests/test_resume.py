@@ -15,13 +15,6 @@ from trainkit import SHIM, load, make_image_folder, max_abs_diff, only_run, tiny
 TOL = 1e-5  # the bound; the runs are in fact bit-identical
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):

@@ -24,14 +24,6 @@ ODE_FAST = ["ODE", "--sampling-method", "euler", *FAST]
 SDE_FAST = ["SDE", *FAST]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: a second intra-op thread only spins against other jobs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def random_sit(seed: int, in_channels: int = 3, input_size: int = 8, num_classes: int = 5):
     """A tiny preset SiT whose zero-initialised output layers are re-drawn (non-zero output)."""

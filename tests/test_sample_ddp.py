@@ -22,13 +22,6 @@ SDE = ["SDE", *BASE, "--cfg-scale", "2.0"]
 ODE = ["ODE", "--sampling-method", "euler", *BASE]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):

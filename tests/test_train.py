@@ -22,13 +22,6 @@ from trainkit import SHIM, load, make_image_folder, only_run, run_python, save_t
 METRIC_KEYS = ("loss", "flow", "disp", "steps_per_sec", "images_per_sec", "lr", "grad_norm", "peak_mem_gb")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):

@@ -110,3 +110,10 @@ def save_tiny_vae(folder: Path) -> Path:
         block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, latent_channels=4, sample_size=16,
     ).save_pretrained(folder)  # fmt: skip
     return folder
+
+
+def error_line(capsys) -> str:
+    """The one line `disploss train` printed to stderr (asserting it is one line, not a traceback)."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("disploss train: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err

@@ -93,7 +93,9 @@ class Arm:
 
 
 BASELINE = Arm("baseline", disp=False)
-DISPERSIVE = Arm("dispersive", disp=True)  # the paper's default: InfoNCE-L2, the demo's lambda and tau
+DISPERSIVE = Arm("dispersive", disp=True)  # the release's default: InfoNCE-L2, lambda 0.25, tau 1
+# The demo's recipe (disploss.demo.DEMO): InfoNCE with cosine distance, lambda 0.25, tau 0.5.
+DISPERSIVE_COSINE = Arm("dispersive_cosine", disp=True, variant="infonce_cosine", weight=0.25, tau=0.5)
 
 
 def grid_arms(lambdas: tuple[float, ...], taus: tuple[float, ...]) -> list[Arm]:
@@ -162,7 +164,7 @@ class DigitsConfig:
 
     def arms(self) -> list[Arm]:
         """Baseline and dispersive, then the grid's arms with --grid."""
-        return [BASELINE, DISPERSIVE] + (grid_arms(self.grid_lambdas, self.grid_taus) if self.grid else [])
+        return [BASELINE, DISPERSIVE, DISPERSIVE_COSINE] + (grid_arms(self.grid_lambdas, self.grid_taus) if self.grid else [])
 
     def eval_steps(self) -> list[int]:
         """The steps whose checkpoints are scored."""
