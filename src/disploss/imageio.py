@@ -51,6 +51,8 @@ def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
-def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int = 8) -> None:
-    """Save uint8 (B, H, W, 3) images as one grid PNG, atomically."""
+def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int = 8, zoom: int = 1) -> None:
+    """Save uint8 (B, H, W, 3) images as one grid PNG, atomically; zoom > 1 enlarges each pixel (nearest)."""
+    if zoom > 1:
+        images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
     save_png(make_grid(images, nrow), path)

@@ -573,7 +573,7 @@ def _sample_grid(ema_model, codec, transport, cfg, run_dir, step, device, logger
         out = fn(z, ema_model, y=y)[-1]
     images = to_uint8(codec.decode(out), mode="round")
     path = run_dir / "samples" / f"{step:07d}.png"
-    save_grid(images, path, nrow=per_row)
+    save_grid(images, path, nrow=per_row, zoom=max(1, 64 // images.shape[1]))  # tiny images: enlarged to see
     logger.log_image("samples", str(path), step)
     logger.info(f"wrote sample grid {path}")
     dist.barrier()
