@@ -28,7 +28,7 @@ Choices, and why:
   training data would score about that.
 - 8 x 8 pixels by default (--image-size): the digits' own resolution. The demo's 16 x 16 is a bilinear upsample of
   the same 8 x 8 images and costs about 4x more per training step and per sample on a CPU.
-- EMA decay 0.99 by default (--ema-decay), not the demo's 0.999: with 0.999 the EMA of a 1500-step run still holds
+- EMA decay 0.99 by default (--ema-decay), as the demo: with 0.999 the EMA of a 1500-step run still holds
   0.999**1500 = 22% of the random initialisation (69% at the first quarter), so early checkpoints would measure
   the EMA's lag, not the model.
 - No guidance by default (--cfg-scale 1): the paper's no-cfg setting, and half the model calls.
