@@ -75,9 +75,9 @@ def test_quick_writes_results_table_and_plot(quick_run):
     assert results["settings"]["quick"] is True
     steps = results["settings"]["eval_steps"]
     assert steps == [20, 40]
-    assert list(results["arms"]) == ["baseline", "dispersive"]
+    assert list(results["arms"]) == ["baseline", "dispersive", "dispersive_cosine"]
     for name, arm in results["arms"].items():
-        assert arm["disp"] == (name == "dispersive")
+        assert arm["disp"] == (name != "baseline")
         assert [r["seed"] for r in arm["runs"]] == [0]
         for run in arm["runs"]:
             assert [c["step"] for c in run["checkpoints"]] == steps
@@ -220,7 +220,7 @@ def test_train_configs_share_everything_but_the_arm(tmp_path):
 def test_grid_arms_are_unique_and_cover_the_variants():
     arms = ex.DigitsConfig(grid=True).arms()
     names = [a.name for a in arms]
-    assert len(names) == len(set(names)) == 2 + 3 + 8
+    assert len(names) == len(set(names)) == 3 + 3 + 8
     assert {a.variant for a in arms if a.disp} == set(ex.VARIANTS)
     assert sum(1 for a in arms if a.disp and (a.weight, a.tau) == (0.25, 1.0) and a.variant == "infonce_l2") == 1
     assert ex.DigitsConfig().arms() == [ex.BASELINE, ex.DISPERSIVE, ex.DISPERSIVE_COSINE]
@@ -287,8 +287,8 @@ def test_grid_runs_every_variant(tmp_path, cache_dir):
     )  # fmt: skip
     results = ex.run_digits(cfg, log=lambda *_: None)
     arms = results["arms"]
-    assert list(arms) == ["baseline", "dispersive", "disp-infonce_cosine", "disp-hinge", "disp-covariance",
-                          "disp-l2-lam0.5-tau1"]
+    assert list(arms) == ["baseline", "dispersive", "dispersive_cosine", "disp-infonce_cosine", "disp-hinge",
+                          "disp-covariance", "disp-l2-lam0.5-tau1"]
     assert {a["variant"] for a in arms.values() if a["disp"]} == set(ex.VARIANTS)
     for arm in arms.values():
         (run,) = arm["runs"]

@@ -33,7 +33,8 @@ def metrics_of(run) -> list[dict]:
 
 
 def grid_size(rows: int, per_row: int, side: int, padding: int = 2) -> tuple[int, int]:
-    """(width, height) of a sample grid PNG (disploss.imageio.make_grid)."""
+    """(width, height) of a sample grid PNG (disploss.imageio.make_grid); train.py enlarges tiny images to 64 px."""
+    side *= max(1, 64 // side)
     return per_row * (side + padding) + padding, rows * (side + padding) + padding
 
 

@@ -23,6 +23,15 @@ SDE_METHODS = ("Euler", "Heun")
 LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
 
 
+def _check_ode_method(sampling_method: str, num_steps: int) -> None:
+    if sampling_method not in TORCHDIFFEQ_METHODS:
+        raise ValueError(
+            f"unknown ODE sampling method {sampling_method!r}; valid choices: {', '.join(TORCHDIFFEQ_METHODS)}"
+        )
+    if num_steps < 2:
+        raise ValueError(f"num_steps must be at least 2, got {num_steps}")
+
+
 class Sampler:
     """Builds sampling functions for a Transport."""
 
@@ -52,12 +61,7 @@ class Sampler:
         Returns:
             fn(x, model_fn, **model_kwargs) -> tensor (num_steps, B, ...) of the states on the grid.
         """
-        if sampling_method not in TORCHDIFFEQ_METHODS:
-            raise ValueError(
-                f"unknown ODE sampling method {sampling_method!r}; valid choices: {', '.join(TORCHDIFFEQ_METHODS)}"
-            )
-        if num_steps < 2:
-            raise ValueError(f"num_steps must be at least 2, got {num_steps}")
+        _check_ode_method(sampling_method, num_steps)
         t0, t1 = self.transport.interval(eval=True)
         if reverse:
             t0, t1 = t1, t0  # integrate the same field backwards in time: data -> noise
@@ -164,10 +168,7 @@ class Sampler:
         Returns:
             fn(x, model_fn, **model_kwargs) -> (logp (B,) in nats, x at t0 (B, ...)).
         """
-        if sampling_method not in TORCHDIFFEQ_METHODS:
-            raise ValueError(
-                f"unknown ODE sampling method {sampling_method!r}; valid choices: {', '.join(TORCHDIFFEQ_METHODS)}"
-            )
+        _check_ode_method(sampling_method, num_steps)
         t0, t1 = self.transport.interval(eval=True)
         tr = self.transport
 
@@ -186,20 +187,16 @@ class Sampler:
             state = (x, torch.zeros(x.shape[0], device=x.device, dtype=x.dtype))
             if sampling_method in ODE_FIXED_METHODS:
                 # Fixed-step integration of the augmented state (x, integral of div v).
-                def pair_field(s, t):
-                    v, d = field(s, t)
-                    return v, d
-
                 xs, acc = state
                 for i in range(num_steps - 1):
                     t, dt = ts[i], ts[i + 1] - ts[i]
                     tv = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
-                    v1, d1 = pair_field((xs, acc), tv)
+                    v1, d1 = field((xs, acc), tv)
                     if sampling_method == "euler":
                         xs, acc = xs + dt * v1, acc + dt * d1
                     else:
                         tv2 = torch.full_like(tv, float(ts[i + 1]))
-                        v2, d2 = pair_field((xs + dt * v1, acc + dt * d1), tv2)
+                        v2, d2 = field((xs + dt * v1, acc + dt * d1), tv2)
                         xs, acc = xs + dt * 0.5 * (v1 + v2), acc + dt * 0.5 * (d1 + d2)
                 z, delta = xs, acc
             else:
