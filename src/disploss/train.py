@@ -183,8 +183,7 @@ def build_data(cfg: TrainConfig, device: torch.device):
             raise ValueError(f"the latent cache {cfg.latents} was made at --image-size {dataset.image_size}, not {cfg.image_size}")
         c, h, _ = dataset.latent_shape
         return dataset, None, c, h
-    codec = load_vae(cfg.vae, device)
-    input_size = codec.latent_size(cfg.image_size)
+    # The data first: a mistyped --data-path is reported at once, not after a VAE download attempt.
     if cfg.data_path == DIGITS:
         if cfg.num_classes < 10:
             raise ValueError(f"the digits have 10 classes but --num-classes is {cfg.num_classes}")
@@ -193,6 +192,8 @@ def build_data(cfg: TrainConfig, device: torch.device):
         dataset = data.ImageFolderDataset(
             cfg.data_path, cfg.image_size, num_classes=cfg.num_classes, on_bad_image=cfg.on_bad_image
         )
+    codec = load_vae(cfg.vae, device)
+    input_size = codec.latent_size(cfg.image_size)
     return dataset, codec, codec.latent_channels, input_size
 
 
