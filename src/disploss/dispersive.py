@@ -62,13 +62,8 @@ class _InfoNCEL2(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, tau: float) -> torch.Tensor:  # z (B, M)
-        B, M = z.shape
-        zc = z - z.mean(dim=0, keepdim=True)
-        gram = _gram(zc)  # (B, B)
-        sq = gram.diagonal()
-        d = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
-        d.fill_diagonal_(0)
-        logits = (-d / (M * tau)).reshape(-1)
+        B = z.shape[0]
+        logits = (-pairwise_sq_dists(z) / tau).reshape(-1)  # (B*B,)
         lse = torch.logsumexp(logits, dim=0)
         ctx.save_for_backward(z, (logits - lse).exp().reshape(B, B))
         ctx.tau = tau

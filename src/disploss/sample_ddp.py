@@ -274,7 +274,7 @@ def _run(args: argparse.Namespace, info) -> int:
 
     from disploss import distributed as dist
     from disploss.imageio import save_png, to_uint8
-    from disploss.sample import check_guidance, describe, guided_model_fn, load_for_sampling
+    from disploss.sample import cfg_batch, check_guidance, describe, guided_model_fn, load_for_sampling
 
     def fail(message: str) -> int:
         if info.is_main:
@@ -320,8 +320,7 @@ def _run(args: argparse.Namespace, info) -> int:
         generators = [image_generator(args.global_seed, i) for i in indices]
         z, y = draw_inputs(generators, latent_shape, model.num_classes)  # (B, C, h, w), (B,)
         z, y = z.to(info.device), y.to(info.device)
-        if doubled:
-            z, y = torch.cat([z, z], 0), torch.cat([y, torch.full_like(y, model.num_classes)], 0)  # (2B, ...)
+        z, y = cfg_batch(z, y, model.num_classes, doubled)  # (2B, ...) when doubled
         sample_fn = sa.build_sample_fn(args, sm.transport, noise_fn=per_image_noise(generators))
         with torch.no_grad():
             latents = sample_fn(z, model_fn, y=y)[-1][: len(indices)]  # (B, C, h, w)

@@ -556,6 +556,7 @@ def grid_labels(num_classes: int) -> tuple[list[int], int]:
 def _sample_grid(ema_model, codec, transport, cfg, run_dir, step, device, logger) -> None:
     """A class-conditional grid from the EMA weights (rank 0), fixed noise, Heun ODE, the run's own classes."""
     from disploss.imageio import save_grid, to_uint8
+    from disploss.sample import cfg_batch, guided_model_fn
     from disploss.transport import Sampler
 
     if not dist.is_main():
@@ -567,11 +568,9 @@ def _sample_grid(ema_model, codec, transport, cfg, run_dir, step, device, logger
     shape = (len(y), ema_model.in_channels, ema_model.input_size, ema_model.input_size)
     z = torch.randn(shape, generator=gen).to(device)
     fn = Sampler(transport).sample_ode(sampling_method="heun2", num_steps=cfg.sample_steps, keep_trajectory=False)
-    if cfg.cfg_scale > 1:
-        zz, yy = torch.cat([z, z]), torch.cat([y, torch.full_like(y, cfg.num_classes)])
-        out = fn(zz, ema_model.forward_with_cfg, y=yy, cfg_scale=cfg.cfg_scale)[-1][: len(y)]
-    else:
-        out = fn(z, ema_model, y=y)[-1]
+    model_fn, doubled = guided_model_fn(ema_model, cfg.cfg_scale, guide_channels=3)
+    zz, yy = cfg_batch(z, y, cfg.num_classes, doubled)
+    out = fn(zz, model_fn, y=yy)[-1][: len(y)]
     images = to_uint8(codec.decode(out), mode="round")
     path = run_dir / "samples" / f"{step:07d}.png"
     save_grid(images, path, nrow=per_row, zoom=max(1, 64 // images.shape[1]))  # tiny images: enlarged to see

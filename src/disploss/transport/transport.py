@@ -169,34 +169,36 @@ class Transport:
     # -- fields for the samplers ------------------------------------------------------------------------
     def drift(self, x: torch.Tensor, t: torch.Tensor, model: Callable, **model_kwargs) -> torch.Tensor:
         """The probability-flow velocity v(x, t) from the model's prediction."""
-        out = model(x, t, **model_kwargs)
-        if self.prediction == "velocity":
-            v = out
-        else:
-            score = out if self.prediction == "score" else self.path.score_from_noise(out, x, t)
-            v = self.path.velocity_from_score(score, x, t)
-        if v.shape != x.shape:
-            raise ValueError(f"model output shape {tuple(v.shape)} does not match its input {tuple(x.shape)}")
-        return v
-
-    def drift_and_score(self, x: torch.Tensor, t: torch.Tensor, model: Callable, **model_kwargs):
-        """(velocity, score) from ONE model call (the reference called the model once for each)."""
-        out = model(x, t, **model_kwargs)
-        if out.shape != x.shape:
-            raise ValueError(f"model output shape {tuple(out.shape)} does not match its input {tuple(x.shape)}")
-        if self.prediction == "velocity":
-            return out, self.path.score_from_velocity(out, x, t)
-        score = out if self.prediction == "score" else self.path.score_from_noise(out, x, t)
-        return self.path.velocity_from_score(score, x, t), score
+        return self._velocity_of(self._predict(x, t, model, model_kwargs), x, t)
 
     def score(self, x: torch.Tensor, t: torch.Tensor, model: Callable, **model_kwargs) -> torch.Tensor:
         """The score grad log p_t(x) from the model's prediction."""
+        return self._score_of(self._predict(x, t, model, model_kwargs), x, t)
+
+    def drift_and_score(self, x: torch.Tensor, t: torch.Tensor, model: Callable, **model_kwargs):
+        """(velocity, score) from ONE model call (the reference called the model once for each)."""
+        out = self._predict(x, t, model, model_kwargs)
+        score = self._score_of(out, x, t)
+        return self._velocity_of(out, x, t, score), score
+
+    @staticmethod
+    def _predict(x, t, model: Callable, model_kwargs: dict) -> torch.Tensor:
         out = model(x, t, **model_kwargs)
+        if out.shape != x.shape:
+            raise ValueError(f"model output shape {tuple(out.shape)} does not match its input {tuple(x.shape)}")
+        return out
+
+    def _score_of(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction == "velocity":
             return self.path.score_from_velocity(out, x, t)
         if self.prediction == "noise":
             return self.path.score_from_noise(out, x, t)
         return out
+
+    def _velocity_of(self, out, x, t, score: torch.Tensor | None = None) -> torch.Tensor:
+        if self.prediction == "velocity":
+            return out
+        return self.path.velocity_from_score(self._score_of(out, x, t) if score is None else score, x, t)
 
     @staticmethod
     def prior_logp(z: torch.Tensor) -> torch.Tensor:
