@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.disploss-installed
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test lint bench clean
 
 venv: $(STAMP)
 
@@ -21,7 +21,13 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/disploss demo
 
-test: $(STAMP)
+# The layering contracts (import-linter) and ruff run before the tests: a broken layer fails `make test`.
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks train.py sample.py sample_ddp.py
+	$(BIN)/ruff format --check src tests benchmarks train.py sample.py sample_ddp.py
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -2,7 +2,7 @@
 
 import sys
 
-from disploss.cli import run_command
+from disploss.commands.main import run_command
 
 if __name__ == "__main__":
     sys.exit(run_command("sample", sys.argv[1:]))

@@ -1,6 +1,6 @@
 """Print the headline numbers of `disploss bench --json` files as Markdown rows (stdlib only).
 
-    python3 benchmarks/summarize.py OUT/*.json
+python3 benchmarks/summarize.py OUT/*.json
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ def _f(value, digits: int = 1, pct: bool = False) -> str:
 def summarize(path: Path) -> list[str]:
     r = json.loads(path.read_text())
     c, m = r["config"], r["meta"]
-    where = f"{m['device_name']}, torch {m['torch']}, {m['torch_threads']} thread(s), load {m.get('load_average_start')}"
+    where = (
+        f"{m['device_name']}, torch {m['torch']}, {m['torch_threads']} thread(s), load {m.get('load_average_start')}"
+    )
     model = f"{c['model']} {c['input_size']}x{c['input_size']}x{c['in_channels']} " if m.get("parameters") else ""
     setup = f"{model}{c['precision']}{' +compile' if c['compile'] else ''}"
     rows = [f"### {path.name}: {setup} ({where})", ""]

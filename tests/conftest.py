@@ -32,7 +32,7 @@ def reference_model(reference, reference_config):
     from disploss.models import SiT
 
     model = SiT(**reference_config["model_config"])
-    state = {k[len("model."):]: v for k, v in reference.items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in reference.items() if k.startswith("model.")}
     model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False)
 
@@ -47,8 +47,11 @@ def make_tiny_sit(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = SiT(**config)
     with torch.no_grad():
-        for module in [*(b.adaLN_modulation[-1] for b in model.blocks), model.final_layer.adaLN_modulation[-1],
-                       model.final_layer.linear]:
+        for module in [
+            *(b.adaLN_modulation[-1] for b in model.blocks),
+            model.final_layer.adaLN_modulation[-1],
+            model.final_layer.linear,
+        ]:
             module.weight.normal_(0, 0.1)
             module.bias.normal_(0, 0.1)
     return model.eval()

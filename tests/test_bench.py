@@ -1,4 +1,4 @@
-"""`disploss bench`: --quick runs in CI through disploss.cli.main and writes a JSON of finite positive numbers."""
+"""`disploss bench`: --quick runs in CI through disploss.commands.main.main and writes a JSON of finite positive numbers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from disploss.cli import main
+from disploss.commands.main import main
 
 STEP_KEYS = ("step_ms", "step_ms_min", "images_per_sec", "images_per_sec_best", "peak_mem_gb", "model_tflops")
 
@@ -111,8 +111,12 @@ def test_bad_arguments_are_one_line_errors(capsys, argv, expected):
 
 
 def test_sizes_and_defaults():
-    from disploss.bench import resolve
-    from disploss.cli import build_parser
+    from disploss.commands.flags import config_from_namespace
+    from disploss.commands.main import build_parser
+    from disploss.tools.bench.config import BenchConfig
+
+    def resolve(args):
+        return config_from_namespace(BenchConfig, args).resolved()
 
     parser = build_parser("bench")
     full = resolve(parser.parse_args([]))
@@ -126,7 +130,7 @@ def test_sizes_and_defaults():
 
 
 def test_mfu_convention():
-    from disploss.bench import _MFU
+    from disploss.tools.bench.harness import MFU as _MFU
 
     cuda = _MFU(torch.device("cuda"), "bf16", 989.0)(989e12)
     assert cuda == {"model_tflops": 989.0, "mfu": 1.0, "mfu_vs_measured_790": pytest.approx(989 / 790)}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from disploss import checkpoint as ckpt
+from disploss.commands import convert_checkpoint as convert_command
 from disploss.models import SiT
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
@@ -42,8 +43,14 @@ def test_round_trip_weights_only(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    state = {"model": model.state_dict(), "opt": opt.state_dict(), "args": {"lr": 1e-4, "model": "SiT-XL/2"},
-             "train_steps": 7, "nested": [1, (2.5, None, True)], "dtype": torch.float32}
+    state = {
+        "model": model.state_dict(),
+        "opt": opt.state_dict(),
+        "args": {"lr": 1e-4, "model": "SiT-XL/2"},
+        "train_steps": 7,
+        "nested": [1, (2.5, None, True)],
+        "dtype": torch.float32,
+    }
     path = ckpt.save_checkpoint(tmp_path / "ckpts" / "0000007.pt", state)
     loaded = torch.load(path, weights_only=True)
     assert_same_state(loaded["model"], state["model"])
@@ -126,11 +133,11 @@ def test_unsafe_pickle_refused_then_converted(tmp_path, payload, capsys):
 
     dst = tmp_path / "new.pt"
     args = ckpt_parser().parse_args([str(src), str(dst)])
-    assert ckpt.run(args) == 2  # refused without --trust, with an explanation
+    assert convert_command.run(args) == 2  # refused without --trust, with an explanation
     assert "--trust" in capsys.readouterr().err and not dst.exists()
 
     args = ckpt_parser().parse_args([str(src), str(dst), "--trust"])
-    assert ckpt.run(args) == 0
+    assert convert_command.run(args) == 0
     out = torch.load(dst, weights_only=True)
     if payload == "namespace":
         assert out["args"] == {"model": "SiT-XL/2", "lr": 1e-4}
@@ -141,12 +148,12 @@ def test_unsafe_pickle_refused_then_converted(tmp_path, payload, capsys):
 
 def ckpt_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
-    ckpt.add_arguments(parser)
+    convert_command.add_arguments(parser)
     return parser
 
 
 def test_cli_dispatch(tmp_path):
-    from disploss.cli import main
+    from disploss.commands.main import main
 
     src = tmp_path / "old.pt"
     torch.save({"w": torch.ones(1), "args": argparse.Namespace(a=1)}, src)
@@ -163,8 +170,17 @@ def test_to_plain_conversions():
         RED = "red"
 
     notes = []
-    out = ckpt.to_plain({"p": Path("/a"), "e": Color.RED, "n": np.float64(1.5), "a": np.arange(3), "s": {2, 1},
-                         "o": collections.OrderedDict(x=1)}, notes=notes)
+    out = ckpt.to_plain(
+        {
+            "p": Path("/a"),
+            "e": Color.RED,
+            "n": np.float64(1.5),
+            "a": np.arange(3),
+            "s": {2, 1},
+            "o": collections.OrderedDict(x=1),
+        },
+        notes=notes,
+    )
     assert out == {"p": "/a", "e": "red", "n": 1.5, "a": out["a"], "s": [1, 2], "o": {"x": 1}}
     assert torch.equal(out["a"], torch.arange(3))
     assert type(out["n"]) is float and len(notes) == 5
@@ -204,7 +220,7 @@ def test_find_latest_full_check(tmp_path):
 
 
 def test_find_latest_run(tmp_path):
-    from disploss.rundir import create_experiment_dir
+    from disploss.training.rundir import create_experiment_dir
 
     assert ckpt.find_latest_run(tmp_path / "nothing", "SiT-XL/2") is None
     a = create_experiment_dir(tmp_path, "SiT-XL/2", "Linear", "velocity", None)
@@ -269,8 +285,7 @@ def test_load_sit_weights_prefer_model(tiny):
 
 
 def test_build_from_checkpoint_and_forward(tmp_path, tiny):
-    path = ckpt.save_checkpoint(tmp_path / "c.pt", {"ema": tiny.state_dict(),
-                                                    "model_config": tiny.config()})
+    path = ckpt.save_checkpoint(tmp_path / "c.pt", {"ema": tiny.state_dict(), "model_config": tiny.config()})
     model, config = ckpt.build_sit_from_checkpoint(path, image_size=64, num_classes=10)
     assert config == tiny.config() and not model.training
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 10])
@@ -339,11 +354,12 @@ def test_heads_from_model_name(tmp_path):
 def test_safetensors_export_import(tmp_path, tiny):
     sd = tiny.state_dict()
     zeros = {k: torch.zeros_like(v) for k, v in sd.items()}
-    src = ckpt.save_checkpoint(tmp_path / "0000100.pt", {"model": zeros, "ema": sd, "args": {"model": "x"},
-                                                          "model_config": tiny.config()})
+    src = ckpt.save_checkpoint(
+        tmp_path / "0000100.pt", {"model": zeros, "ema": sd, "args": {"model": "x"}, "model_config": tiny.config()}
+    )
     out = tmp_path / "ema.safetensors"
     args = ckpt_parser().parse_args([str(src), str(out), "--to-safetensors"])
-    assert ckpt.run(args) == 0
+    assert convert_command.run(args) == 0
     tensors, config = ckpt.import_safetensors(out)
     assert_same_state(tensors, sd)
     assert config == tiny.config()
@@ -354,7 +370,7 @@ def test_safetensors_export_import(tmp_path, tiny):
 
     # --weights model, implied by the .safetensors suffix
     out2 = tmp_path / "model.safetensors"
-    assert ckpt.run(ckpt_parser().parse_args([str(src), str(out2), "--weights", "model"])) == 0
+    assert convert_command.run(ckpt_parser().parse_args([str(src), str(out2), "--weights", "model"])) == 0
     tensors2, _ = ckpt.import_safetensors(out2)
     assert all(not v.any() for v in tensors2.values())
 

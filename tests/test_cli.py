@@ -9,11 +9,14 @@ import errno
 import pytest
 import torch
 
-from disploss import distributed, train
+from disploss import distributed
 from disploss.checkpoint import save_checkpoint
-from disploss.cli import build_parser
-from disploss.cli import main as cli_main
+from disploss.commands import report, train
+from disploss.commands.main import build_parser
+from disploss.commands.main import main as cli_main
+from disploss.errors import ConfigError, HubUnavailableError
 from disploss.models import create_model
+from disploss.training import NonFiniteError
 from trainkit import SHIM, error_line, make_image_folder, run_python, save_tiny_vae, tiny_flags, train_cli
 
 REFERENCE_FLAGS = [
@@ -25,11 +28,9 @@ REFERENCE_FLAGS = [
 ]  # fmt: skip
 
 
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("images"))
-
 
 
 def test_every_reference_flag_parses():
@@ -114,8 +115,9 @@ def ckpt(tmp_path_factory):
     """A training checkpoint of SiT-T/2, 8 px pixels, 3 classes."""
     model = create_model("SiT-T/2", input_size=8, in_channels=3, num_classes=3)
     path = tmp_path_factory.mktemp("ckpt") / "0000001.pt"
-    return save_checkpoint(path, {"model": model.state_dict(), "ema": model.state_dict(), "step": 1,
-                                  "args": {"model": "SiT-T/2"}})
+    return save_checkpoint(
+        path, {"model": model.state_dict(), "ema": model.state_dict(), "step": 1, "args": {"model": "SiT-T/2"}}
+    )
 
 
 @pytest.mark.parametrize(
@@ -156,11 +158,12 @@ def test_image_size_the_vae_and_patch_do_not_divide(images, vae, tmp_path, capsy
 @pytest.mark.parametrize(
     "error, status",
     [
-        (ValueError("bad value"), 2),
+        (ConfigError("bad value"), 2),  # every user error the library raises is a UsageError
+        (ValueError("a bug's ValueError"), None),  # a bare ValueError is not the user's: traceback
         (FileNotFoundError("no such file"), 2),
         (OSError(errno.ENOSPC, "No space left on device"), 2),
-        (OSError("could not fetch the VAE"), 2),  # raised on purpose with an explanation, no errno
-        (train.NonFiniteError("non-finite flow loss at step 3"), 1),
+        (HubUnavailableError("could not fetch the VAE"), 2),  # offline hub: the message says what to do
+        (NonFiniteError("non-finite flow loss at step 3"), 1),
         (RuntimeError("internal"), None),
         (KeyError("internal"), None),
         (OSError(errno.EIO, "Input/output error"), None),
@@ -186,7 +189,7 @@ def test_worker_traceback_becomes_one_line():
         "Caught UnreadableImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
         '  File "x.py", line 1, in f\ndisploss.data.UnreadableImageError: cannot read image file /d/a.png: broken'
     )
-    assert train._one_line(wrapped) == "cannot read image file /d/a.png: broken"
+    assert report.one_line(wrapped) == "cannot read image file /d/a.png: broken"
 
 
 def test_wandb_without_its_variables(images, tmp_path, monkeypatch, capsys):

@@ -45,8 +45,13 @@ def test_center_crop_halves_with_box_then_bicubic():
     img = noise_image(1000, 700)
     # By hand for S = 64: halve while the short side >= 128: 700 -> 350 -> 175 -> 87 (widths 500, 250, 125),
     # then bicubic to short side 64: width round(125 * 64 / 87) = 92, then crop x offset (92 - 64) // 2 = 14.
-    expected = (img.resize((500, 350), Image.BOX).resize((250, 175), Image.BOX).resize((125, 87), Image.BOX)
-                .resize((92, 64), Image.BICUBIC).crop((14, 0, 78, 64)))
+    expected = (
+        img.resize((500, 350), Image.BOX)
+        .resize((250, 175), Image.BOX)
+        .resize((125, 87), Image.BOX)
+        .resize((92, 64), Image.BICUBIC)
+        .crop((14, 0, 78, 64))
+    )
     out = center_crop_arr(img, 64)
     assert out.size == (64, 64)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))

@@ -136,8 +136,9 @@ def test_pairwise_sq_dists_by_loops():
     z = torch.randn(5, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 100.0
     d = pairwise_sq_dists(z)
     rows = z.tolist()
-    expected = torch.tensor([[sum((a - b) ** 2 for a, b in zip(ri, rj)) / 3 for rj in rows] for ri in rows],
-                            dtype=torch.float64)
+    expected = torch.tensor(
+        [[sum((a - b) ** 2 for a, b in zip(ri, rj)) / 3 for rj in rows] for ri in rows], dtype=torch.float64
+    )
     torch.testing.assert_close(d, expected, rtol=1e-10, atol=1e-10)
     assert torch.all(d.diagonal() == 0) and torch.all(d >= 0)
 
@@ -161,8 +162,9 @@ def test_infonce_l2_range(B):
     assert dispersive_loss(far).item() == pytest.approx(-math.log(B), abs=1e-12)
 
 
-@pytest.mark.parametrize("variant,expected", [("infonce_l2", 0.0), ("infonce_cosine", 0.0), ("hinge", 4.0),
-                                              ("covariance", 0.0)])
+@pytest.mark.parametrize(
+    "variant,expected", [("infonce_l2", 0.0), ("infonce_cosine", 0.0), ("hinge", 4.0), ("covariance", 0.0)]
+)
 def test_batch_of_one(variant, expected):
     z = torch.randn(1, 3, 4, requires_grad=True)
     val = dispersive_loss(z, variant, margin=2.0)
@@ -221,8 +223,8 @@ def test_gather_in_a_single_process(variant):
     a = dispersive_loss(z, variant, gather=True)
     b = dispersive_loss(z, variant, gather=False)
     assert a.item() == b.item()
-    ga, = torch.autograd.grad(a, z)
-    gb, = torch.autograd.grad(b, z)
+    (ga,) = torch.autograd.grad(a, z)
+    (gb,) = torch.autograd.grad(b, z)
     assert torch.equal(ga, gb)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from disploss.cli import main
+from disploss.commands.main import main
 from disploss.evaluation import (
     InceptionFeatureExtractor,
     InceptionWeightsError,
@@ -86,8 +86,11 @@ def test_frechet_distance_matches_direct_and_symmetric_forms(dim):
     # Tr sqrtm(S1 S2) = Tr sqrtm(S1^1/2 S2 S1^1/2), the square root of a symmetric PSD matrix: eigenvalues only.
     w, v = np.linalg.eigh(s1)
     root1 = (v * np.sqrt(w)) @ v.T
-    symmetric = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(
-        np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1))
+    symmetric = (
+        np.sum((mu1 - mu2) ** 2)
+        + np.trace(s1)
+        + np.trace(s2)
+        - 2 * np.sum(np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1)))
     )
     assert got == pytest.approx(direct, rel=1e-9, abs=1e-9)
     assert got == pytest.approx(symmetric, rel=1e-7, abs=1e-7)
@@ -390,9 +393,7 @@ def test_inception_features_shapes_and_readouts(extractor):
     assert conv.shape == (3, 192, 17, 17)
     n, c, h, w = 1, 5, 16, 3
     assert features.spatial[n, (h * 17 + w) * 7 + c] == pytest.approx(float(conv[n, c, h, w]), rel=1e-4, abs=1e-6)
-    np.testing.assert_allclose(
-        features.spatial, conv[:, :7].transpose(0, 2, 3, 1).reshape(3, -1), rtol=1e-4, atol=1e-6
-    )
+    np.testing.assert_allclose(features.spatial, conv[:, :7].transpose(0, 2, 3, 1).reshape(3, -1), rtol=1e-4, atol=1e-6)
     assert features.spatial.std() > 0 and features.pool.std() > 0
 
     # Batching does not change the answer.
@@ -404,9 +405,7 @@ def test_inception_features_shapes_and_readouts(extractor):
 def test_inception_tf32_is_off_during_the_forward_pass_and_restored(extractor, monkeypatch, allow_tf32):
     monkeypatch.setattr(extractor, "allow_tf32", allow_tf32)
     seen = []
-    handle = extractor.model.Mixed_6d.register_forward_hook(
-        lambda *args: seen.append(torch.backends.cudnn.allow_tf32)
-    )
+    handle = extractor.model.Mixed_6d.register_forward_hook(lambda *args: seen.append(torch.backends.cudnn.allow_tf32))
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
@@ -506,7 +505,7 @@ def test_cli_reference_cache_is_reused(tmp_path, random_inception_weights, fast_
 
 
 def test_reference_cache_goes_stale_when_the_reference_or_weights_change(tmp_path, capsys):
-    from disploss.evaluation.cli import ReferenceStatistics, _cache_key, _read_cache, _write_cache
+    from disploss.evaluation.evaluate import ReferenceStatistics, _cache_key, _read_cache, _write_cache
 
     ref, weights = tmp_path / "ref.npz", tmp_path / "weights.pth"
     np.savez(ref, arr_0=_images(4, 0))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -11,9 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from disploss import digit_classifier as dc
-from disploss import experiment as ex
+from disploss.commands.experiment import digits_config
+from disploss.commands.main import build_parser
+from disploss.dispersive import VARIANTS
 from disploss.evaluation.metrics import compute_statistics, frechet_distance
+from disploss.tools import digits as ex
+from disploss.tools.digits import classifier as dc
 
 QUICK_CLASSIFIER = ex.QUICK["classifier"]
 
@@ -41,7 +43,7 @@ def classifier(cache_dir):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, cache_dir, classifier):
     """`disploss experiment digits --quick` through the command line; (exit code, output folder)."""
-    from disploss.cli import main
+    from disploss.commands.main import main
 
     out = tmp_path_factory.mktemp("digits-quick")
     code = main(["experiment", "digits", "--quick", "--out", str(out), "--cache-dir", str(cache_dir)])
@@ -102,10 +104,10 @@ def test_quick_rerun_reuses_runs_and_samples(quick_run, cache_dir):
     # runs' caches, so every number is identical.
     code, out = quick_run
     first = json.loads((out / "results.json").read_text())
-    args = argparse.Namespace(**{name: None for name, _, _ in ex._DIGITS_FLAGS.values()},
-                              classifier_epochs=None, grid=None, quick=True)
-    args.out, args.cache_dir = str(out), str(cache_dir)
-    again = ex.run_digits(ex.digits_config(args), log=lambda *_: None)
+    args = build_parser("experiment").parse_args(
+        ["digits", "--quick", "--out", str(out), "--cache-dir", str(cache_dir)]
+    )
+    again = ex.run_digits(digits_config(args), log=lambda *_: None)
     for name in first["arms"]:
         run, run0 = again["arms"][name]["runs"][0], first["arms"][name]["runs"][0]
         assert run["checkpoints"] == run0["checkpoints"]
@@ -132,8 +134,11 @@ def test_classifier_is_cached_and_above_chance(classifier, cache_dir):
 
 def test_cache_key_covers_every_setting(cache_dir):
     base = dc.ClassifierConfig()
-    keys = {dataclasses.replace(base, **{f.name: getattr(base, f.name) + 1}).key()
-            for f in dataclasses.fields(base) if f.name != "holdout_fraction"}
+    keys = {
+        dataclasses.replace(base, **{f.name: getattr(base, f.name) + 1}).key()
+        for f in dataclasses.fields(base)
+        if f.name != "holdout_fraction"
+    }
     keys.add(dataclasses.replace(base, holdout_fraction=0.3).key())
     assert base.key() not in keys and len(keys) == len(dataclasses.fields(base))
     assert dc.cache_path(base, cache_dir).parent == cache_dir
@@ -221,7 +226,7 @@ def test_grid_arms_are_unique_and_cover_the_variants():
     arms = ex.DigitsConfig(grid=True).arms()
     names = [a.name for a in arms]
     assert len(names) == len(set(names)) == 3 + 3 + 8
-    assert {a.variant for a in arms if a.disp} == set(ex.VARIANTS)
+    assert {a.variant for a in arms if a.disp} == set(VARIANTS)
     assert sum(1 for a in arms if a.disp and (a.weight, a.tau) == (0.25, 1.0) and a.variant == "infonce_l2") == 1
     assert ex.DigitsConfig().arms() == [ex.BASELINE, ex.DISPERSIVE, ex.DISPERSIVE_COSINE]
 
@@ -250,15 +255,16 @@ def test_arm_rejects_unknown_variant():
 
 
 def test_flags_resolve_over_quick_and_defaults():
-    from disploss.cli import build_parser
+    from disploss.commands.main import build_parser
 
     parser = build_parser("experiment")
-    cfg = ex.digits_config(parser.parse_args(["digits", "--quick", "--seeds", "3,4", "--image-size", "16"]))
+    cfg = digits_config(parser.parse_args(["digits", "--quick", "--seeds", "3,4", "--image-size", "16"]))
     assert cfg.quick and cfg.seeds == (3, 4) and cfg.steps == ex.QUICK["steps"]
     assert cfg.image_size == cfg.classifier.image_size == 16 and cfg.classifier.epochs == QUICK_CLASSIFIER.epochs
-    full = ex.digits_config(parser.parse_args(["digits", "--classifier-epochs", "5", "--grid"]))
-    assert full == dataclasses.replace(ex.DigitsConfig(), grid=True,
-                                       classifier=dataclasses.replace(ex.DigitsConfig().classifier, epochs=5))
+    full = digits_config(parser.parse_args(["digits", "--classifier-epochs", "5", "--grid"]))
+    assert full == dataclasses.replace(
+        ex.DigitsConfig(), grid=True, classifier=dataclasses.replace(ex.DigitsConfig().classifier, epochs=5)
+    )
     with pytest.raises(SystemExit):
         parser.parse_args(["imagenet"])
     with pytest.raises(SystemExit):
@@ -266,10 +272,14 @@ def test_flags_resolve_over_quick_and_defaults():
 
 
 def test_summaries_and_paired_differences():
-    base = [{"seed": s, "checkpoints": [{"step": 10, "fid": f, "precision": 0.5, "recall": 0.5, "class_accuracy": 1.0}]}
-            for s, f in ((0, 10.0), (1, 12.0), (2, 14.0))]
-    arm = [{"seed": s, "checkpoints": [{"step": 10, "fid": f, "precision": 0.6, "recall": 0.4, "class_accuracy": 1.0}]}
-           for s, f in ((0, 9.0), (1, 10.0))]
+    base = [
+        {"seed": s, "checkpoints": [{"step": 10, "fid": f, "precision": 0.5, "recall": 0.5, "class_accuracy": 1.0}]}
+        for s, f in ((0, 10.0), (1, 12.0), (2, 14.0))
+    ]
+    arm = [
+        {"seed": s, "checkpoints": [{"step": 10, "fid": f, "precision": 0.6, "recall": 0.4, "class_accuracy": 1.0}]}
+        for s, f in ((0, 9.0), (1, 10.0))
+    ]
     summary = ex.summarise(base, [10])[0]
     assert summary["fid"] == {"mean": 12.0, "std": 2.0, "n": 3}
     diff = ex.paired_differences(base, arm, [10])[0]
@@ -287,9 +297,16 @@ def test_grid_runs_every_variant(tmp_path, cache_dir):
     )  # fmt: skip
     results = ex.run_digits(cfg, log=lambda *_: None)
     arms = results["arms"]
-    assert list(arms) == ["baseline", "dispersive", "dispersive_cosine", "disp-infonce_cosine", "disp-hinge",
-                          "disp-covariance", "disp-l2-lam0.5-tau1"]
-    assert {a["variant"] for a in arms.values() if a["disp"]} == set(ex.VARIANTS)
+    assert list(arms) == [
+        "baseline",
+        "dispersive",
+        "dispersive_cosine",
+        "disp-infonce_cosine",
+        "disp-hinge",
+        "disp-covariance",
+        "disp-l2-lam0.5-tau1",
+    ]
+    assert {a["variant"] for a in arms.values() if a["disp"]} == set(VARIANTS)
     for arm in arms.values():
         (run,) = arm["runs"]
         assert [c["step"] for c in run["checkpoints"]] == [4] and math.isfinite(run["checkpoints"][0]["fid"])

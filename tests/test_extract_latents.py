@@ -12,9 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from disploss import extract_latents
+from disploss import distributed
+from disploss.commands import extract_latents
+from disploss.commands.flags import config_from_namespace
 from disploss.data import LatentsDataset, read_image, uint8_to_unit
-from disploss.vae import LatentCodec, load_vae
+from disploss.data import latents as latent_format
+from disploss.data.extract import ExtractConfig
+from disploss.data.extract import extract_latents as extract_library
+from disploss.data.vae import LatentCodec, load_vae
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -51,14 +56,37 @@ def image_dir(tmp_path_factory):
     return root
 
 
+def extract(args) -> bool:
+    """The library call behind `disploss extract-latents`, which raises its errors (the command prints them)."""
+    return extract_library(config_from_namespace(ExtractConfig, args), distributed.init("cpu"))
+
+
 def parse(image_dir, vae_dir, out, *extra):
     parser = argparse.ArgumentParser()
     extract_latents.add_arguments(parser)
-    return parser.parse_args([
-        "--data-path", str(image_dir), "--vae", str(vae_dir), "--out", str(out), "--image-size", "16",
-        "--num-classes", "2", "--batch-size", "3", "--num-workers", "0", "--device", "cpu",
-        "--shard-size", "4", *extra,
-    ])
+    return parser.parse_args(
+        [
+            "--data-path",
+            str(image_dir),
+            "--vae",
+            str(vae_dir),
+            "--out",
+            str(out),
+            "--image-size",
+            "16",
+            "--num-classes",
+            "2",
+            "--batch-size",
+            "3",
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+            "--shard-size",
+            "4",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +101,7 @@ def shard_files(out):
 
 
 def test_cache_contents(cache, image_dir, vae_dir):
-    assert shard_files(cache) == ["labels_000000.npy", "labels_000001.npy", "moments_000000.npy",
-                                  "moments_000001.npy"]
+    assert shard_files(cache) == ["labels_000000.npy", "labels_000001.npy", "moments_000000.npy", "moments_000001.npy"]
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["format"] == "disploss-latents" and manifest["version"] == 1
     assert manifest["count"] == 6 and manifest["image_size"] == 16 and manifest["scale"] == SCALE
@@ -175,21 +202,21 @@ def test_resume_after_deleted_shard(tmp_path, image_dir, vae_dir, monkeypatch):
 
 def test_crash_leaves_no_manifest_then_resumes(tmp_path, image_dir, vae_dir, monkeypatch):
     out = tmp_path / "latents"
-    real_write = extract_latents._write_shard
+    real_write = latent_format.write_shard
 
     def write_then_crash(out_, shard, moments, labels):
         if shard == 1:
             raise KeyboardInterrupt  # killed after the first shard
         real_write(out_, shard, moments, labels)
 
-    monkeypatch.setattr(extract_latents, "_write_shard", write_then_crash)
+    monkeypatch.setattr(latent_format, "write_shard", write_then_crash)
     with pytest.raises(KeyboardInterrupt):
         extract_latents.run(parse(image_dir, vae_dir, out))
     assert not (out / "manifest.json").exists()
     assert shard_files(out) == ["labels_000000.npy", "moments_000000.npy"]
     with pytest.raises(ValueError, match="incomplete: manifest.json is missing.*1 of 2 shards.*moments_000001"):
         LatentsDataset(out)
-    monkeypatch.setattr(extract_latents, "_write_shard", real_write)
+    monkeypatch.setattr(latent_format, "write_shard", real_write)
     seen = counting_encoder(monkeypatch, out)
     assert extract_latents.run(parse(image_dir, vae_dir, out)) == 0
     assert sum(seen) == 2
@@ -198,26 +225,42 @@ def test_crash_leaves_no_manifest_then_resumes(tmp_path, image_dir, vae_dir, mon
 
 def test_rerun_with_other_settings_refused(cache, image_dir, vae_dir, tmp_path):
     with pytest.raises(ValueError, match="other settings.*shard_size: 4 there, 2 now"):
-        extract_latents.run(parse(image_dir, vae_dir, cache, "--shard-size", "2"))
+        extract(parse(image_dir, vae_dir, cache, "--shard-size", "2"))
     (tmp_path / "other.txt").write_text("x")
     with pytest.raises(ValueError, match="not empty.*other.txt"):
-        extract_latents.run(parse(image_dir, vae_dir, tmp_path))
+        extract(parse(image_dir, vae_dir, tmp_path))
 
 
 def test_bad_image_size_for_the_vae(image_dir, vae_dir, tmp_path):
     args = parse(image_dir, vae_dir, tmp_path / "x")
     args.image_size = 15
     with pytest.raises(ValueError, match="--image-size 15 .*factor 2.*14 or 16"):
-        extract_latents.run(args)
+        extract(args)
 
 
 def test_float16_storage_through_the_cli(tmp_path, image_dir, vae_dir):
-    from disploss.cli import main
+    from disploss.commands.main import main
 
     out = tmp_path / "latents16"
-    argv = ["extract-latents", "--data-path", str(image_dir), "--vae", str(vae_dir), "--out", str(out),
-            "--image-size", "16", "--num-classes", "2", "--num-workers", "0", "--device", "cpu",
-            "--dtype", "float16"]
+    argv = [
+        "extract-latents",
+        "--data-path",
+        str(image_dir),
+        "--vae",
+        str(vae_dir),
+        "--out",
+        str(out),
+        "--image-size",
+        "16",
+        "--num-classes",
+        "2",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float16",
+    ]
     assert main(argv) == 0
     assert np.load(out / "moments_000000.npy").dtype == np.float16
     z, _ = LatentsDataset(out)[0]
@@ -227,10 +270,35 @@ def test_float16_storage_through_the_cli(tmp_path, image_dir, vae_dir):
 @pytest.mark.slow
 def test_two_processes_under_torchrun(tmp_path, image_dir, vae_dir, cache):
     out = tmp_path / "latents"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "disploss", "extract-latents", "--data-path", str(image_dir), "--vae", str(vae_dir),
-           "--out", str(out), "--image-size", "16", "--num-classes", "2", "--batch-size", "3",
-           "--num-workers", "0", "--device", "cpu", "--shard-size", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "disploss",
+        "extract-latents",
+        "--data-path",
+        str(image_dir),
+        "--vae",
+        str(vae_dir),
+        "--out",
+        str(out),
+        "--image-size",
+        "16",
+        "--num-classes",
+        "2",
+        "--batch-size",
+        "3",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--shard-size",
+        "2",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from disploss.dispersive import dispersive_loss
-from disploss.ema import EMA
+from disploss.training.ema import EMA
 from disploss.transport import Sampler, create_transport
 from disploss.transport.transport import mean_flat
 
@@ -28,7 +28,12 @@ from disploss.transport.transport import mean_flat
 def _batch(seed: int = 0, n: int = 8, classes: int = 5):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, 8, 8, generator=g)
-    return x, torch.randint(0, classes, (n,), generator=g), torch.rand(n, generator=g), torch.randn(n, 4, 8, 8, generator=g)
+    return (
+        x,
+        torch.randint(0, classes, (n,), generator=g),
+        torch.rand(n, generator=g),
+        torch.randn(n, 4, 8, 8, generator=g),
+    )
 
 
 def _grads(model) -> dict[str, torch.Tensor]:

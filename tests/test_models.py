@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 # -- equivalence with the reference fixtures --------------------------------------------------------------
 def test_reference_state_dict_has_official_layout(reference, reference_config):
-    state = {k[len("model."):]: v for k, v in reference.items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in reference.items() if k.startswith("model.")}
     ours = SiT(**reference_config["model_config"]).state_dict()
     assert set(ours) == set(state)
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in state.items()}
@@ -82,9 +82,7 @@ def test_cfg_forward_from_two_plain_forwards(reference, reference_model, guide_c
     if guide_channels is None:  # the standard form: every channel guided, both halves identical
         expected = torch.cat([guided, guided])
     else:  # the reference: first 3 channels guided; channel 3 is the plain cond / uncond output
-        expected = torch.cat(
-            [torch.cat([guided[:, :3], cond[:, 3:]], 1), torch.cat([guided[:, :3], uncond[:, 3:]], 1)]
-        )
+        expected = torch.cat([torch.cat([guided[:, :3], cond[:, 3:]], 1), torch.cat([guided[:, :3], uncond[:, 3:]], 1)])
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
     assert out.shape == x.shape
 
@@ -166,8 +164,9 @@ def test_forward_flops_match_the_paper(name):
 @pytest.mark.parametrize("learn_sigma", [True, False])
 def test_output_is_exactly_zero_at_init(learn_sigma):
     torch.manual_seed(0)
-    model = SiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=5,
-                learn_sigma=learn_sigma)
+    model = SiT(
+        input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=5, learn_sigma=learn_sigma
+    )
     x = torch.randn(3, 4, 8, 8)
     out = model(x, torch.rand(3), torch.tensor([0, 4, 5]))
     assert out.shape == x.shape
@@ -217,7 +216,7 @@ def test_grad_checkpointing_gives_the_same_gradients(tiny_sit_factory):
         model.grad_checkpointing = ckpt
         calls = []
         block_forward = model.blocks[0].forward
-        model.blocks[0].forward = lambda *args: calls.append(1) or block_forward(*args)
+        model.blocks[0].forward = lambda *args, calls=calls, f=block_forward: calls.append(1) or f(*args)
         out, acts = model(x, t, y, return_act=True)
         (out.square().mean() + acts[-1].square().mean()).backward()
         grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})

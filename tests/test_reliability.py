@@ -25,16 +25,23 @@ from disploss.data import BadImageWarning
 from disploss.models import create_model
 from disploss.transport.transport import Transport
 from trainkit import (
-    SHIM, error_line, load, make_image_folder, max_abs_diff, only_run, run_dirs, run_python, tiny_flags, torchrun,
+    SHIM,
+    error_line,
+    load,
+    make_image_folder,
+    max_abs_diff,
+    only_run,
+    run_dirs,
+    run_python,
+    tiny_flags,
+    torchrun,
     train_cli,
 )
-
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("images"))
-
 
 
 def checkpoint_names(run) -> list[str]:
@@ -79,7 +86,7 @@ KILLER = textwrap.dedent(
             return real_losses(self, *args, **kwargs)
 
         transport_module.Transport.training_losses = losses
-    from disploss.cli import run_command
+    from disploss.commands.main import run_command
 
     sys.exit(run_command("train", sys.argv[1:]))
     """
@@ -187,8 +194,9 @@ def pickled_checkpoint(path):
     """A checkpoint as the reference wrote it: the weights plus an argparse.Namespace (a pickled class)."""
     model = create_model("SiT-T/2", input_size=8, in_channels=3, num_classes=3)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": argparse.Namespace(model="SiT-T/2")},
-               path)
+    torch.save(
+        {"model": model.state_dict(), "ema": model.state_dict(), "args": argparse.Namespace(model="SiT-T/2")}, path
+    )
     return path
 
 
@@ -291,7 +299,7 @@ def test_results_dir_error_reaches_every_process(images, tmp_path):
 def test_full_disk_detected_before_training(images, tmp_path, monkeypatch, capsys):
     import shutil
 
-    from disploss import rundir
+    from disploss.training import rundir
 
     real = shutil.disk_usage
     monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: real(p)._replace(free=4096))

@@ -8,12 +8,10 @@ import json
 import textwrap
 
 import pytest
-import torch
 
 from trainkit import SHIM, load, make_image_folder, max_abs_diff, only_run, tiny_flags, torchrun, train_cli
 
 TOL = 1e-5  # the bound; the runs are in fact bit-identical
-
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +61,7 @@ GATHER_CHECK = textwrap.dedent(
     import torch
     import torch.distributed as dist
     import disploss.transport.transport as transport_module
-    from disploss.cli import run_command
+    from disploss.commands.main import run_command
 
     original = transport_module.dispersive_loss
     records = []
@@ -99,8 +97,9 @@ def ddp(images, tmp_path_factory):
     (root / "records").mkdir()
     common = dict(disp=True, disp_gather=True, ckpt_every=2, log_every=2)
     out = {"root": root}
-    out["straight"] = torchrun(2, [script, *tiny_flags(images, root / "straight", steps=4, **common)], root,
-                               RECORDS=str(root / "records"))
+    out["straight"] = torchrun(
+        2, [script, *tiny_flags(images, root / "straight", steps=4, **common)], root, RECORDS=str(root / "records")
+    )
     out["first"] = torchrun(2, [SHIM, *tiny_flags(images, root / "resumed", steps=2, **common)], root)
     if out["first"].returncode == 0:
         ckpt = only_run(root / "resumed") / "checkpoints" / "0000002.pt"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from disploss import rundir
+from disploss.training import rundir
 
 
 def test_reference_layout(tmp_path):
@@ -112,8 +112,9 @@ def test_checkpoint_size_estimate_matches_a_real_checkpoint(tmp_path):
     model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1])).sum().backward()
     opt.step()
     ema = {k: v.clone() for k, v in model.state_dict().items()}
-    path = save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict(), "ema": ema, "opt": opt.state_dict(),
-                                               "args": {"a": 1}})
+    path = save_checkpoint(
+        tmp_path / "c.pt", {"model": model.state_dict(), "ema": ema, "opt": opt.state_dict(), "args": {"a": 1}}
+    )
     estimate = rundir.checkpoint_size_bytes(model)
     actual = path.stat().st_size
     assert actual <= estimate <= actual + (2 << 20)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from disploss.runlog import RunLogger, WandbConfigError
+from disploss.training.runlog import RunLogger, WandbConfigError
 
 
 def read_metrics(run_dir):
@@ -20,8 +20,17 @@ def read_metrics(run_dir):
 def test_text_and_metrics(tmp_path, capsys):
     with RunLogger(tmp_path / "run", enabled=True) as log:
         log.info("hello")
-        log.log_metrics(100, loss=torch.tensor(0.25), flow=0.2, disp=np.float32(-3.0), steps_per_sec=2.5,
-                        images_per_sec=640, lr=1e-4, grad_norm=float("nan"), peak_mem_gb=1.5)
+        log.log_metrics(
+            100,
+            loss=torch.tensor(0.25),
+            flow=0.2,
+            disp=np.float32(-3.0),
+            steps_per_sec=2.5,
+            images_per_sec=640,
+            lr=1e-4,
+            grad_norm=float("nan"),
+            peak_mem_gb=1.5,
+        )
         log.log_metrics(200, {"loss": 0.125}, echo=False)
         log.log_image("samples", np.zeros((4, 4, 3), np.uint8), 200)  # nothing enabled: no-op
     lines = (tmp_path / "run" / "log.txt").read_text().splitlines()
@@ -29,8 +38,17 @@ def test_text_and_metrics(tmp_path, capsys):
     assert "(step=0000100) loss: 0.2500" in lines[1] and len(lines) == 2
     assert "hello" in capsys.readouterr().out
     records = read_metrics(tmp_path / "run")
-    assert records[0] == {"step": 100, "loss": 0.25, "flow": 0.2, "disp": -3.0, "steps_per_sec": 2.5,
-                          "images_per_sec": 640, "lr": 1e-4, "grad_norm": "NaN", "peak_mem_gb": 1.5}
+    assert records[0] == {
+        "step": 100,
+        "loss": 0.25,
+        "flow": 0.2,
+        "disp": -3.0,
+        "steps_per_sec": 2.5,
+        "images_per_sec": 640,
+        "lr": 1e-4,
+        "grad_norm": "NaN",
+        "peak_mem_gb": 1.5,
+    }
     assert records[1] == {"step": 200, "loss": 0.125}
 
 
@@ -150,7 +168,7 @@ def test_tensorboard_events(tmp_path):
 def test_image_from_file(tmp_path):
     from PIL import Image
 
-    from disploss.runlog import _image_array
+    from disploss.training.runlog import _image_array
 
     Image.fromarray(np.full((4, 6, 3), 7, np.uint8)).save(tmp_path / "grid.png")
     arr = _image_array(tmp_path / "grid.png")

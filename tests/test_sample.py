@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from disploss import cli
 from disploss.checkpoint import save_checkpoint
+from disploss.commands import main as cli
 from disploss.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +22,6 @@ MODEL = "SiT-T/2"  # the smallest preset (depth 6, width 128)
 FAST = ["--num-sampling-steps", "4"]
 ODE_FAST = ["ODE", "--sampling-method", "euler", *FAST]
 SDE_FAST = ["SDE", *FAST]
-
 
 
 def random_sit(seed: int, in_channels: int = 3, input_size: int = 8, num_classes: int = 5):
@@ -38,9 +37,19 @@ def random_sit(seed: int, in_channels: int = 3, input_size: int = 8, num_classes
 
 def save_training_checkpoint(path, ema, model=None, **args) -> Path:
     """A checkpoint as `disploss train` writes it: model, ema, opt, args (plain dict with model_config)."""
-    stored = {"model": MODEL, "image_size": 8, "num_classes": ema.num_classes, "vae": "none", "path_type": "Linear",
-              "prediction": "velocity", "loss_weight": None, "sample_eps": None, "train_eps": None,
-              "model_config": ema.config(), **args}
+    stored = {
+        "model": MODEL,
+        "image_size": 8,
+        "num_classes": ema.num_classes,
+        "vae": "none",
+        "path_type": "Linear",
+        "prediction": "velocity",
+        "loss_weight": None,
+        "sample_eps": None,
+        "train_eps": None,
+        "model_config": ema.config(),
+        **args,
+    }
     model = model if model is not None else ema
     return save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": {}, "args": stored})
 
@@ -64,9 +73,15 @@ def tiny_vae_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_vae")
     torch.manual_seed(0)
     diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        norm_num_groups=8, latent_channels=4, sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=16,
     ).save_pretrained(folder)
     return folder
 
@@ -99,8 +114,9 @@ def test_ours_and_released_checkpoints_give_the_ema_grid(capsys, tmp_path, ckpts
     rc, out, err = call(capsys, ["sample", *mode, "--ckpt", str(ckpts["train"]), "--out", str(ours)])
     assert rc == 0, err
     assert "image_size=8 (stored args)" in out and "vae=none (stored args)" in out
-    rc, out, err = call(capsys, ["sample", *mode, "--ckpt", str(ckpts["bare"]), "--vae", "none",
-                                 "--out", str(released)])
+    rc, out, err = call(
+        capsys, ["sample", *mode, "--ckpt", str(ckpts["bare"]), "--vae", "none", "--out", str(released)]
+    )
     assert rc == 0, err
     assert f"model={MODEL} (from the weights)" in out
     grid = read_png(ours)
@@ -132,16 +148,42 @@ def test_tiny_autoencoder_kl_latents(capsys, tmp_path, tiny_vae_dir):
     bare = tmp_path / "bare.pt"
     torch.save(ema.state_dict(), bare)
     out2 = tmp_path / "vae2.png"
-    rc, stdout, err = call(capsys, ["sample", *SDE_FAST, "--ckpt", str(bare), "--vae", str(tiny_vae_dir),
-                                    "--out", str(out2), "--cfg-scale", "1.5"])
+    rc, stdout, err = call(
+        capsys,
+        [
+            "sample",
+            *SDE_FAST,
+            "--ckpt",
+            str(bare),
+            "--vae",
+            str(tiny_vae_dir),
+            "--out",
+            str(out2),
+            "--cfg-scale",
+            "1.5",
+        ],
+    )
     assert rc == 0, err
     np.testing.assert_array_equal(read_png(out), read_png(out2))
 
 
 def test_class_labels_and_nrow(capsys, tmp_path, ckpts):
     out = tmp_path / "g.png"
-    rc, stdout, err = call(capsys, ["sample", *ODE_FAST, "--ckpt", str(ckpts["train"]), "--class-labels", "4,0,2",
-                                    "--nrow", "2", "--out", str(out)])
+    rc, stdout, err = call(
+        capsys,
+        [
+            "sample",
+            *ODE_FAST,
+            "--ckpt",
+            str(ckpts["train"]),
+            "--class-labels",
+            "4,0,2",
+            "--nrow",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert rc == 0, err
     grid = read_png(out)
     assert grid.shape == grid_shape(2, 2, 8)
@@ -150,7 +192,8 @@ def test_class_labels_and_nrow(capsys, tmp_path, ckpts):
 
 
 def test_default_labels():
-    from disploss.sample import REFERENCE_CLASS_LABELS, default_class_labels
+    from disploss.sampling.grid import default_class_labels
+    from disploss.sampling.load import REFERENCE_CLASS_LABELS
 
     assert default_class_labels(1000) == [207, 360, 387, 974, 88, 979, 417, 279] == list(REFERENCE_CLASS_LABELS)
     assert default_class_labels(10) == list(range(8))
@@ -162,14 +205,18 @@ def test_default_labels():
 
 @pytest.mark.parametrize("mode", ["ODE", "SDE"])
 def test_cfg_one_shortcut_equals_the_doubled_batch(ckpts, mode):
-    from disploss import sampling_args as sa
-    from disploss.sample import _as_doubled_noise, cfg_batch, guided_model_fn
+    from disploss.commands.flags import config_from_namespace
+    from disploss.sampling.config import sampler_fn
+    from disploss.sampling.grid import SampleConfig
+    from disploss.sampling.guidance import as_doubled_noise as _as_doubled_noise
+    from disploss.sampling.guidance import cfg_batch, guided_model_fn
     from disploss.transport import create_transport
     from disploss.transport.integrators import default_noise
 
     model = ckpts["ema"]
     method = ["--sampling-method", "heun2"] if mode == "ODE" else []
     args = cli.build_parser("sample").parse_args([mode, *FAST, *method])
+    sampler = config_from_namespace(SampleConfig, args).sampler
     transport = create_transport()
     y = torch.tensor([0, 3, 4])
     batches = []
@@ -178,6 +225,7 @@ def test_cfg_one_shortcut_equals_the_doubled_batch(ckpts, mode):
         def wrapped(x, t, y):
             batches.append(len(x))
             return fn(x, t, y)
+
         return wrapped
 
     # The reference: always the doubled batch, guidance scale 1.
@@ -185,7 +233,7 @@ def test_cfg_one_shortcut_equals_the_doubled_batch(ckpts, mode):
     torch.manual_seed(0)
     z = torch.randn(3, 3, 8, 8)
     zz, yy = cfg_batch(z, y, model.num_classes, doubled=True)
-    ref = sa.build_sample_fn(args, transport, noise_fn=default_noise)(zz, fn, y=yy)[-1][:3]
+    ref = sampler_fn(sampler, transport, noise_fn=default_noise)(zz, fn, y=yy)[-1][:3]
     assert set(batches) == {6}
     # The shortcut: plain forward on the undoubled batch, SDE increments drawn as the doubled batch would.
     batches.clear()
@@ -193,14 +241,14 @@ def test_cfg_one_shortcut_equals_the_doubled_batch(ckpts, mode):
     assert not doubled
     torch.manual_seed(0)
     z = torch.randn(3, 3, 8, 8)
-    out = sa.build_sample_fn(args, transport, noise_fn=_as_doubled_noise)(z, counting(fn), y=y)[-1]
+    out = sampler_fn(sampler, transport, noise_fn=_as_doubled_noise)(z, counting(fn), y=y)[-1]
     assert set(batches) == {3}
     # u + 1 * (c - u) is c up to float rounding, and batch size changes GEMM blocking: equal to ~1e-6.
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_guidance_is_batched_above_one(ckpts):
-    from disploss.sample import guided_model_fn
+    from disploss.sampling.guidance import guided_model_fn
 
     fn, doubled = guided_model_fn(ckpts["ema"], 1.5, None)
     assert doubled
@@ -231,12 +279,18 @@ def test_argument_errors_are_one_line(capsys, ckpts, argv, expected):
 @pytest.mark.parametrize(
     "which, argv, expected",
     [
-        ("bare", ["--vae", "none", "--image-size", "9"],
-         "--image-size 9 is not divisible by the VAE downsampling factor 1 (--vae none) times the patch size 2 = 2; "
-         "valid sizes nearby: 8 or 10"),
+        (
+            "bare",
+            ["--vae", "none", "--image-size", "9"],
+            "--image-size 9 is not divisible by the VAE downsampling factor 1 (--vae none) times the patch size 2 = 2; "
+            "valid sizes nearby: 8 or 10",
+        ),
         ("bare", [], "--vae mse gives 4-channel latents: pass --vae none"),
-        ("train", ["--num-classes", "7"], "--num-classes 7 contradicts the checkpoint, which was trained with "
-                                          "num_classes 5"),
+        (
+            "train",
+            ["--num-classes", "7"],
+            "--num-classes 7 contradicts the checkpoint, which was trained with num_classes 5",
+        ),
         ("train", ["--model", "SiT-B/2"], "--model SiT-B/2 contradicts the checkpoint"),
         ("train", ["--model", "SiT-Q/2"], "unknown model 'SiT-Q/2'; valid choices:"),
         ("train", ["--class-labels", "1,5"], "--class-labels 1,5: labels must lie in [0, 4]"),
@@ -281,24 +335,57 @@ def test_readme_commands_parse():
     args = cli.build_parser("sample").parse_args(readme.split())
     assert (args.mode, args.model, args.image_size, args.ckpt) == ("ODE", "SiT-XL/2", 256, "/path/to/model.pt")
     assert (args.sampling_method, args.atol, args.rtol, args.cfg_scale, args.num_sampling_steps, args.seed) == (
-        "dopri5", 1e-6, 1e-3, 4.0, 250, 0)
+        "dopri5",
+        1e-6,
+        1e-3,
+        4.0,
+        250,
+        0,
+    )
     assert args.guide_channels == 3 and args.out == "sample.png" and args.pixel_conversion == "truncate"
     sde = cli.build_parser("sample").parse_args(["SDE"])
     assert (sde.sampling_method, sde.diffusion_form, sde.diffusion_norm, sde.last_step, sde.last_step_size) == (
-        "Euler", "sigma", 1.0, "Mean", 0.04)
+        "Euler",
+        "sigma",
+        1.0,
+        "Mean",
+        0.04,
+    )
     ddp = cli.build_parser("sample-ddp").parse_args(
-        "ODE --model SiT-XL/2 --num-fid-samples 50000 --ckpt /path/to/model.pt".split())
+        "ODE --model SiT-XL/2 --num-fid-samples 50000 --ckpt /path/to/model.pt".split()
+    )
     assert (ddp.num_fid_samples, ddp.per_proc_batch_size, ddp.cfg_scale, ddp.global_seed, ddp.sample_dir) == (
-        50000, 4, 1.0, 0, "samples")
+        50000,
+        4,
+        1.0,
+        0,
+        "samples",
+    )
 
 
 def test_root_shim_runs(tmp_path, ckpts):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(REPO / "sample.py"), "ODE", "--model", MODEL, "--image-size", "8", "--ckpt",
-           str(ckpts["bare"]), "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", "3"]
+    cmd = [
+        sys.executable,
+        str(REPO / "sample.py"),
+        "ODE",
+        "--model",
+        MODEL,
+        "--image-size",
+        "8",
+        "--ckpt",
+        str(ckpts["bare"]),
+        "--vae",
+        "none",
+        "--sampling-method",
+        "euler",
+        "--num-sampling-steps",
+        "3",
+    ]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert read_png(tmp_path / "sample.png").shape == grid_shape(2, 4, 8)
-    bad = subprocess.run(cmd + ["--cfg-scale", "0.9"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run(
+        cmd + ["--cfg-scale", "0.9"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--cfg-scale" in bad.stderr

@@ -12,15 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from disploss import sample_ddp
 from disploss.evaluation.npz import load_samples_npz
+from disploss.sampling import ddp as sample_ddp
 from test_sample import call, random_sit, save_training_checkpoint
 
 N = 6
 BASE = ["--num-sampling-steps", "4", "--num-fid-samples", str(N), "--device", "cpu"]
 SDE = ["SDE", *BASE, "--cfg-scale", "2.0"]
 ODE = ["ODE", "--sampling-method", "euler", *BASE]
-
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +54,7 @@ def test_streams_depend_only_on_seed_and_index():
         x = torch.zeros(2 * len(indices), 3, 4, 4)  # the doubled CFG batch
         eps = [noise(x) for _ in range(steps)]
         for e in eps:
-            torch.testing.assert_close(e[: len(indices)], e[len(indices):], rtol=0, atol=0)
+            torch.testing.assert_close(e[: len(indices)], e[len(indices) :], rtol=0, atol=0)
         return z, y, torch.stack([e[: len(indices)] for e in eps], 1)
 
     z, y, eps = draws(0, [3, 4, 5, 6])
@@ -72,16 +71,36 @@ def test_streams_depend_only_on_seed_and_index():
 def test_folder_name(tmp_path):
     vae_dir = tmp_path / "my-vae"
     vae_dir.mkdir()
-    config = {"model": "SiT-XL/2", "ckpt_name": "0400000", "image_size": 256, "vae": "ema", "cfg_scale": 1.5,
-              "global_seed": 0, "mode": "SDE", "num_sampling_steps": 250, "sampling_method": "Euler",
-              "diffusion_form": "sigma", "last_step": "Mean", "last_step_size": 0.04, "guide_channels": 3,
-              "pixel_conversion": "truncate"}
+    config = {
+        "model": "SiT-XL/2",
+        "ckpt_name": "0400000",
+        "image_size": 256,
+        "vae": "ema",
+        "cfg_scale": 1.5,
+        "global_seed": 0,
+        "mode": "SDE",
+        "num_sampling_steps": 250,
+        "sampling_method": "Euler",
+        "diffusion_form": "sigma",
+        "last_step": "Mean",
+        "last_step_size": 0.04,
+        "guide_channels": 3,
+        "pixel_conversion": "truncate",
+    }
     assert sample_ddp.folder_name(config) == (
-        "SiT-XL-2-0400000-size-256-vae-ema-cfg-1.5-seed-0-SDE-250-Euler-sigma-Mean-0.04")
-    ode = {**config, "mode": "ODE", "sampling_method": "dopri5", "vae": str(vae_dir), "guide_channels": "all",
-           "pixel_conversion": "round"}
+        "SiT-XL-2-0400000-size-256-vae-ema-cfg-1.5-seed-0-SDE-250-Euler-sigma-Mean-0.04"
+    )
+    ode = {
+        **config,
+        "mode": "ODE",
+        "sampling_method": "dopri5",
+        "vae": str(vae_dir),
+        "guide_channels": "all",
+        "pixel_conversion": "round",
+    }
     assert sample_ddp.folder_name(ode) == (
-        "SiT-XL-2-0400000-size-256-vae-my-vae-cfg-1.5-seed-0-ODE-250-dopri5-guide-all-round")
+        "SiT-XL-2-0400000-size-256-vae-my-vae-cfg-1.5-seed-0-ODE-250-dopri5-guide-all-round"
+    )
 
 
 # ---- the npz --------------------------------------------------------------------------------------------
@@ -117,13 +136,26 @@ def test_batch_size_does_not_change_the_samples(capsys, tmp_path, ckpt):
 
 
 def test_two_processes_give_the_same_npz_as_one(tmp_path, ckpt):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     argv = ["sample-ddp", *SDE, "--ckpt", str(ckpt), "--per-proc-batch-size", "1"]
     one = [sys.executable, "-m", "disploss", *argv, "--sample-dir", str(tmp_path / "one")]
-    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "disploss",
-           *argv, "--sample-dir", str(tmp_path / "two")]
+    two = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "disploss",
+        *argv,
+        "--sample-dir",
+        str(tmp_path / "two"),
+    ]
     for cmd in (one, two):
         done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -205,8 +237,9 @@ def test_more_samples_extend_a_folder(capsys, tmp_path, ckpt):
     rc, out, _ = run_ddp(capsys, ckpt, tmp_path / "a", ODE)
     assert rc == 0 and "3 of 6 images present, sampling 3" in out
     assert run_ddp(capsys, ckpt, tmp_path / "b", ODE)[0] == 0
-    np.testing.assert_array_equal(load_samples_npz(outputs(tmp_path / "a")[1]),
-                                  load_samples_npz(outputs(tmp_path / "b")[1]))
+    np.testing.assert_array_equal(
+        load_samples_npz(outputs(tmp_path / "a")[1]), load_samples_npz(outputs(tmp_path / "b")[1])
+    )
 
 
 def test_other_settings_in_the_same_folder_are_refused(capsys, tmp_path, ckpt):
@@ -215,8 +248,9 @@ def test_other_settings_in_the_same_folder_are_refused(capsys, tmp_path, ckpt):
     rc, _, err = run_ddp(capsys, ckpt, tmp_path, ode, "--rtol", "0.01")
     assert rc == 2 and "holds samples made with other settings (rtol: 0.001 there, 0.01 now)" in err
     # the batch size, the precision and the number of images are free to change
-    rc, _, err = run_ddp(capsys, ckpt, tmp_path, ode, "--per-proc-batch-size", "2", "--precision", "fp32",
-                         "--num-fid-samples", "2")
+    rc, _, err = run_ddp(
+        capsys, ckpt, tmp_path, ode, "--per-proc-batch-size", "2", "--precision", "fp32", "--num-fid-samples", "2"
+    )
     assert rc == 0, err
 
 
@@ -237,8 +271,8 @@ def test_round_pixel_conversion(capsys, tmp_path, ckpt):
     "argv, expected",
     [
         (["ODE", "--cfg-scale", "0.99"], "argument --cfg-scale: must be >= 1.0"),
-        (["ODE", "--per-proc-batch-size", "0"], "argument --per-proc-batch-size: must be >= 1"),
-        (["ODE", "--global-seed", "-1"], "argument --global-seed: must be >= 0"),
+        (["ODE", "--per-proc-batch-size", "0"], "argument --per-proc-batch-size: must be at least 1"),
+        (["ODE", "--global-seed", "-1"], "argument --global-seed: must be at least 0"),
         (["ODE", "--precision", "fp32", "--tf32"], "--precision fp32 contradicts --tf32"),
         (["ODE", "--image-size", "9"], "--image-size 9 contradicts the checkpoint"),
     ],

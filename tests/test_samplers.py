@@ -8,8 +8,15 @@ import math
 import pytest
 import torch
 
-from disploss.transport import DIFFUSION_FORMS, LAST_STEPS, PATH_TYPES, PREDICTIONS, SDE_METHODS, Sampler
-from disploss.transport import create_transport
+from disploss.transport import (
+    DIFFUSION_FORMS,
+    LAST_STEPS,
+    PATH_TYPES,
+    PREDICTIONS,
+    SDE_METHODS,
+    Sampler,
+    create_transport,
+)
 from disploss.transport.integrators import ode_fixed
 
 pytestmark = [
@@ -40,8 +47,9 @@ def _entries():
 def test_ode_finals_match_reference(reference, reference_model, entry):
     model_fn, x, kwargs = _ode_case(reference, reference_model, entry)
     tr = create_transport(entry["path_type"])
-    sample = Sampler(tr).sample_ode(sampling_method=entry["sampling_method"], num_steps=entry["num_steps"],
-                                    atol=entry["atol"], rtol=entry["rtol"])
+    sample = Sampler(tr).sample_ode(
+        sampling_method=entry["sampling_method"], num_steps=entry["num_steps"], atol=entry["atol"], rtol=entry["rtol"]
+    )
     traj = sample(x, model_fn, **kwargs)
     assert traj.shape == (entry["num_steps"], *x.shape)
     final = traj[-1][: len(reference["ode_z"])]
@@ -148,8 +156,9 @@ def _sde_stats(gaussian, path_type, prediction, method, form, last_step, seed=0)
     torch.manual_seed(seed)
     x = torch.randn(N, 2, dtype=torch.float64)
     tr = create_transport(path_type, prediction)
-    xs = Sampler(tr).sample_sde(sampling_method=method, diffusion_form=form, last_step=last_step,
-                                num_steps=100)(x, field)
+    xs = Sampler(tr).sample_sde(sampling_method=method, diffusion_form=form, last_step=last_step, num_steps=100)(
+        x, field
+    )
     assert len(xs) == 100  # num_steps - 1 SDE steps plus the last step, as the reference
     out = xs[-1].double()
     return (out.mean(0) - M.double()) / S, out.var(0) / S.double() ** 2 - 1
@@ -175,8 +184,12 @@ def test_sde_last_steps_reproduce_the_gaussian(gaussian, last_step):
 
 @pytest.mark.parametrize(
     "path_type,prediction,method,form",
-    [("GVP", "velocity", "Euler", "SBDM"), ("VP", "velocity", "Heun", "sigma"), ("Linear", "score", "Euler", "SBDM"),
-     ("GVP", "noise", "Heun", "linear")],
+    [
+        ("GVP", "velocity", "Euler", "SBDM"),
+        ("VP", "velocity", "Heun", "sigma"),
+        ("Linear", "score", "Euler", "SBDM"),
+        ("GVP", "noise", "Heun", "linear"),
+    ],
 )
 def test_sde_other_paths_and_predictions(gaussian, path_type, prediction, method, form):
     _check_stats(*_sde_stats(gaussian, path_type, prediction, method, form, "Euler"))
@@ -192,7 +205,8 @@ def test_sde_noise_fn_is_used():
 
     x = torch.randn(3, 2)
     xs = Sampler(tr).sample_sde(num_steps=5, noise_fn=noise_fn, diffusion_form="sigma", last_step=None)(
-        x, lambda x, t: torch.zeros_like(x) + 1.0)
+        x, lambda x, t: torch.zeros_like(x) + 1.0
+    )
     assert len(seen) == 4 and all(s == (3, 2) for s in seen)
     assert torch.isfinite(xs[-1]).all()
 
@@ -204,12 +218,13 @@ def test_likelihood_of_a_gaussian(gaussian, method, num_steps, tol, path_type):
     # The closed-form velocity of a Gaussian is affine with a diagonal Jacobian, so the Hutchinson estimate
     # with Rademacher probes is exact and the only error is the integrator's.
     target = gaussian(path_type, torch.tensor([1.5, -0.5])[:, None], torch.tensor([0.5, 2.0])[:, None])
-    x = target.mean + target.std * torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(2),
-                                               dtype=torch.float64) * 1.3
+    x = (
+        target.mean
+        + target.std * torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 1.3
+    )
     tr = create_transport(path_type)
     kw = dict(atol=1e-9, rtol=1e-9) if method == "dopri5" else {}
-    logp, z = Sampler(tr).sample_ode_likelihood(sampling_method=method, num_steps=num_steps, **kw)(
-        x, target.velocity)
+    logp, z = Sampler(tr).sample_ode_likelihood(sampling_method=method, num_steps=num_steps, **kw)(x, target.velocity)
     assert logp.shape == (6,)
     torch.testing.assert_close(z, target.flow(x, 1.0, 0.0), rtol=0, atol=max(tol, 1e-6))
     torch.testing.assert_close(logp, target.log_density(x), rtol=0, atol=tol)
@@ -220,7 +235,8 @@ def test_likelihood_of_a_tiny_sit_is_finite(tiny_sit_factory):
     x = torch.randn(2, 4, 8, 8)
     torch.manual_seed(0)
     logp, z = Sampler(create_transport("Linear")).sample_ode_likelihood(sampling_method="heun2", num_steps=3)(
-        x, model, y=torch.tensor([0, 1]))
+        x, model, y=torch.tensor([0, 1])
+    )
     assert logp.shape == (2,) and torch.isfinite(logp).all() and z.shape == x.shape
 
 
@@ -249,8 +265,9 @@ def test_every_option_gives_finite_samples(smoke_model, path_type, prediction, o
         out = sampler.sample_ode(sampling_method=method, num_steps=4, atol=1e-3, rtol=1e-3)(x, smoke_model, y=y)
         assert out.shape == (4, 2, 4, 8, 8)
     else:
-        out = sampler.sample_sde(sampling_method=method, diffusion_form=form, last_step=last_step,
-                                 num_steps=4)(x, smoke_model, y=y)
+        out = sampler.sample_sde(sampling_method=method, diffusion_form=form, last_step=last_step, num_steps=4)(
+            x, smoke_model, y=y
+        )
         assert len(out) == 4
     assert torch.isfinite(out[-1]).all()
     assert out[-1].shape == x.shape
@@ -317,7 +334,8 @@ def test_given_sample_eps_reaches_the_sampler():
     assert t.min().item() == pytest.approx(0.05) and t.max().item() == pytest.approx(0.96)
     seen = []
     Sampler(create_transport("GVP", "score", sample_eps=0.05)).sample_ode(sampling_method="euler", num_steps=3)(
-        torch.zeros(1, 2), lambda x, tt: seen.append(tt) or torch.zeros_like(x))
+        torch.zeros(1, 2), lambda x, tt: seen.append(tt) or torch.zeros_like(x)
+    )
     assert [s.item() for s in seen] == pytest.approx([0.05, 0.5])
 
 
@@ -346,7 +364,8 @@ def test_bad_sde_options_list_the_choices(kwargs, message, choices):
 
 def test_last_step_none_string_is_accepted():
     xs = Sampler(create_transport()).sample_sde(last_step="None", num_steps=3)(
-        torch.zeros(1, 2), lambda x, t: torch.zeros_like(x))
+        torch.zeros(1, 2), lambda x, t: torch.zeros_like(x)
+    )
     assert len(xs) == 3
 
 

@@ -14,13 +14,12 @@ import torch
 from PIL import Image
 
 import disploss.transport.transport as transport_module
-from disploss.cli import main as cli_main
+from disploss.commands.main import main as cli_main
 from disploss.models import SiT
-from disploss.train import grid_labels
+from disploss.sampling.grid import grid_labels
 from trainkit import SHIM, load, make_image_folder, only_run, run_python, save_tiny_vae, tiny_flags, train_cli
 
 METRIC_KEYS = ("loss", "flow", "disp", "steps_per_sec", "images_per_sec", "lr", "grad_norm", "peak_mem_gb")
-
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +43,13 @@ def test_readme_commands_disp_wandb_then_ckpt_path(images, tmp_path, capsys):
     `... --disp --ckpt /path/to/model.pt` continues that run at its step, in its folder."""
     pytest.importorskip("wandb")
     results, wandb_dir = tmp_path / "results", tmp_path / "wandb"
-    proc = run_python([SHIM, *tiny_flags(images, results, steps=2, disp=True, wandb=True)], tmp_path,
-                      WANDB_MODE="offline", WANDB_DIR=str(wandb_dir), WANDB_SILENT="true")
+    proc = run_python(
+        [SHIM, *tiny_flags(images, results, steps=2, disp=True, wandb=True)],
+        tmp_path,
+        WANDB_MODE="offline",
+        WANDB_DIR=str(wandb_dir),
+        WANDB_SILENT="true",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = only_run(results)
     assert run.name == "000-SiT-T-2-Linear-velocity-None"  # the reference's folder name
@@ -144,10 +148,20 @@ def test_wandb_variables_not_read_without_wandb(run):
     "flags, block, variant, kwargs, weight",
     [
         ({}, 5, "infonce_l2", {"tau": 1.0}, 0.25),  # the PyTorch release: last block of 6, tau 1, lambda 0.25
-        ({"disp_block": 1, "disp_variant": "hinge", "disp_margin": 0.5, "disp_weight": 0.5}, 1, "hinge",
-         {"margin": 0.5}, 0.5),
-        ({"disp_block": -3, "disp_variant": "infonce_cosine", "disp_tau": 0.5}, 3, "infonce_cosine", {"tau": 0.5},
-         0.25),
+        (
+            {"disp_block": 1, "disp_variant": "hinge", "disp_margin": 0.5, "disp_weight": 0.5},
+            1,
+            "hinge",
+            {"margin": 0.5},
+            0.5,
+        ),
+        (
+            {"disp_block": -3, "disp_variant": "infonce_cosine", "disp_tau": 0.5},
+            3,
+            "infonce_cosine",
+            {"tau": 0.5},
+            0.25,
+        ),
         ({"disp_variant": "covariance"}, 5, "covariance", {}, 0.25),
     ],
 )
@@ -207,18 +221,47 @@ def _vae_run_checks(run) -> None:
 
 def test_vae_folder_extract_latents_then_train_on_latents(vae, images16, tmp_path):
     cache = tmp_path / "latents"
-    status = cli_main(["extract-latents", "--data-path", str(images16), "--vae", str(vae), "--out", str(cache),
-                       "--image-size", "16", "--num-classes", "3", "--batch-size", "8", "--num-workers", "0",
-                       "--device", "cpu"])
+    status = cli_main(
+        [
+            "extract-latents",
+            "--data-path",
+            str(images16),
+            "--vae",
+            str(vae),
+            "--out",
+            str(cache),
+            "--image-size",
+            "16",
+            "--num-classes",
+            "3",
+            "--batch-size",
+            "8",
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     assert status == 0 and (cache / "manifest.json").is_file()
-    flags = tiny_flags(None, tmp_path / "results", steps=2, image_size=16, latents=cache, vae=None, disp=True,
-                       sample_every=2, sample_steps=2, ckpt_every=2)
+    flags = tiny_flags(
+        None,
+        tmp_path / "results",
+        steps=2,
+        image_size=16,
+        latents=cache,
+        vae=None,
+        disp=True,
+        sample_every=2,
+        sample_steps=2,
+        ckpt_every=2,
+    )
     assert train_cli(flags) == 0
     _vae_run_checks(only_run(tmp_path / "results"))
 
 
 def test_vae_folder_encodes_during_training(vae, images16, tmp_path):
-    flags = tiny_flags(images16, tmp_path, steps=2, image_size=16, vae=vae, disp=True, sample_every=2,
-                       sample_steps=2, ckpt_every=2)
+    flags = tiny_flags(
+        images16, tmp_path, steps=2, image_size=16, vae=vae, disp=True, sample_every=2, sample_steps=2, ckpt_every=2
+    )
     assert train_cli(flags) == 0
     _vae_run_checks(only_run(tmp_path))

@@ -236,8 +236,18 @@ def test_training_loss_disp_options(tiny_sit_factory, block, variant):
     model = tiny_sit_factory(depth=2)
     x1, noise, t, y = _fixed_inputs(seed=1)
     tr = create_transport("Linear")
-    out = tr.training_losses(model, x1, {"y": y}, disp_weight=0.5, disp_tau=0.5, disp_variant=variant,
-                             disp_block=block, disp_margin=2.0, t=t, noise=noise)
+    out = tr.training_losses(
+        model,
+        x1,
+        {"y": y},
+        disp_weight=0.5,
+        disp_tau=0.5,
+        disp_variant=variant,
+        disp_block=block,
+        disp_margin=2.0,
+        t=t,
+        noise=noise,
+    )
     with torch.no_grad():
         te = t[:, None, None, None]
         _, acts = model(te * x1 + (1 - te) * noise, t, y, return_act=True)
@@ -359,8 +369,9 @@ def test_unknown_diffusion_form_lists_the_choices():
 def test_unknown_dispersive_variant_in_training_losses():
     x1, noise, t, _ = _fixed_inputs()
     with pytest.raises(ValueError, match="infonce_l2, infonce_cosine, hinge, covariance"):
-        create_transport().training_losses(lambda x, t, **k: (x, [x]), x1, disp_weight=0.1, disp_variant="l2",
-                                           t=t, noise=noise)
+        create_transport().training_losses(
+            lambda x, t, **k: (x, [x]), x1, disp_weight=0.1, disp_variant="l2", t=t, noise=noise
+        )
 
 
 def test_model_output_of_the_wrong_shape():

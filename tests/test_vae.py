@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from disploss.vae import IdentityCodec, LatentCodec, load_vae
+from disploss.data.vae import IdentityCodec, LatentCodec, load_vae
 
 diffusers = pytest.importorskip("diffusers")
 

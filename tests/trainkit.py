@@ -50,7 +50,7 @@ def tiny_flags(data: Path | str, results: Path | str, steps: int = 4, **override
 
 def train_cli(argv: list[str]) -> int:
     """`disploss train ARGV` in this process; returns the exit status."""
-    from disploss.cli import main
+    from disploss.commands.main import main
 
     return main(["train", *map(str, argv)])
 

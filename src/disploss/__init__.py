@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "dispersive_loss": "disploss.dispersive",
+    "TrainConfig": "disploss.training",
+    "train": "disploss.training",
+    "UsageError": "disploss.errors",
     "SiT": "disploss.models",
     "SiT_models": "disploss.models",
     "create_model": "disploss.models",

@@ -1,5 +1,5 @@
 import sys
 
-from disploss.cli import main
+from disploss.commands.main import main
 
 sys.exit(main())

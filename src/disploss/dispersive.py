@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 
+from disploss.errors import ConfigError
+
 Variant = Literal["infonce_l2", "infonce_cosine", "hinge", "covariance"]
 VARIANTS: tuple[str, ...] = ("infonce_l2", "infonce_cosine", "hinge", "covariance")
 
@@ -19,7 +21,7 @@ VARIANTS: tuple[str, ...] = ("infonce_l2", "infonce_cosine", "hinge", "covarianc
 def check_variant(variant: str) -> str:
     """Return `variant` when it is a known dispersive variant, else raise ValueError listing the choices."""
     if variant not in VARIANTS:
-        raise ValueError(f"unknown dispersive variant {variant!r}; valid choices: {', '.join(VARIANTS)}")
+        raise ConfigError(f"unknown dispersive variant {variant!r}; valid choices: {', '.join(VARIANTS)}")
     return variant
 
 
@@ -111,9 +113,9 @@ def dispersive_loss(
     """
     check_variant(variant)
     if tau <= 0:
-        raise ValueError(f"tau must be positive, got {tau}")
+        raise ConfigError(f"tau must be positive, got {tau}")
     if z.dim() < 2 or z.shape[0] < 1:
-        raise ValueError(f"dispersive_loss expects z of shape (B, ...) with B >= 1, got {tuple(z.shape)}")
+        raise ConfigError(f"dispersive_loss expects z of shape (B, ...) with B >= 1, got {tuple(z.shape)}")
     if gather:
         from disploss.distributed import all_gather_with_grad
 
@@ -125,7 +127,9 @@ def dispersive_loss(
         if variant == "infonce_cosine":
             zn = torch.nn.functional.normalize(z, dim=1)
             eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
-            cos = torch.where(eye, torch.ones((), dtype=zn.dtype, device=z.device), zn @ zn.t())  # exact self-similarity
+            cos = torch.where(
+                eye, torch.ones((), dtype=zn.dtype, device=z.device), zn @ zn.t()
+            )  # exact self-similarity
             return _log_mean_exp(-(1 - cos) / tau)
         if variant == "hinge":
             return (margin - pairwise_sq_dists(z)).clamp_min(0).pow(2).mean()

@@ -38,9 +38,9 @@ def init(device: str | None = None, timeout_minutes: float = 30.0) -> DistInfo:
         DistInfo. On CUDA the process is bound to cuda:{LOCAL_RANK}, which is right on every node of a
         multi-node job (the reference used the global rank and broke there).
     """
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False")
+    from disploss.runtime import resolve_device
+
+    use_cuda = resolve_device(device).type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -52,9 +52,7 @@ def init(device: str | None = None, timeout_minutes: float = 30.0) -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         kwargs = {"device_id": dev} if use_cuda else {}
-        dist.init_process_group(
-            backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs
-        )
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 

@@ -7,6 +7,8 @@ import os
 import numpy as np
 import torch
 
+from disploss.errors import ConfigError
+
 PIXEL_CONVERSIONS = ("truncate", "round")
 
 
@@ -24,7 +26,7 @@ def to_uint8(x: torch.Tensor, mode: str = "truncate") -> np.ndarray:
     elif mode == "round":
         pixels = torch.clamp(torch.round(127.5 * (x + 1)), 0, 255).to(torch.uint8)
     else:
-        raise ValueError(f"unknown pixel conversion {mode!r}; valid choices: {', '.join(PIXEL_CONVERSIONS)}")
+        raise ConfigError(f"unknown pixel conversion {mode!r}; valid choices: {', '.join(PIXEL_CONVERSIONS)}")
     if pixels.shape[1] == 1:
         pixels = pixels.expand(-1, 3, -1, -1)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()

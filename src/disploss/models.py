@@ -3,18 +3,23 @@
 The backbone predicts a field and knows nothing of losses or time conventions. State-dict key names and
 shapes are those of the released checkpoints (SiT-XL-2-256x256.pt and the DispLoss B/2 and XL/2 files).
 Shapes: x (B, C, H, W); tokens (B, T, D); t (B,); y (B,) with y == num_classes the null class.
+
+One module on purpose (a little over 400 lines): the blocks, the network, its registry and its FLOP count are
+one architecture, read together against the released checkpoints.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from disploss.errors import ConfigError
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -38,9 +43,7 @@ class TimestepEmbedder(nn.Module):
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
         """Sinusoidal features (B, dim): cos first, then sin; frequencies exp(-ln(max_period) k / (dim/2))."""
         half = dim // 2
-        freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-        )
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]  # (B, half)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -82,7 +85,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
@@ -183,7 +186,7 @@ class SiT(nn.Module):
     ):
         super().__init__()
         if input_size % patch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"input size {input_size} is not divisible by the patch size {patch_size}; "
                 f"valid input sizes are multiples of {patch_size}"
             )
@@ -261,17 +264,17 @@ class SiT(nn.Module):
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"SiT expects x of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(x.shape)}"
             )
         if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
-            raise ValueError(f"t and y must have shape ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
+            raise ConfigError(f"t and y must have shape ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
         # A range check needs the values on the host: do it only where that costs no device sync.
         if y.device.type == "cpu" and not torch.compiler.is_compiling() and y.numel():
             lo, hi = int(y.min()), int(y.max())
             top = self.y_embedder.embedding_table.num_embeddings - 1
             if lo < 0 or hi > top:
-                raise ValueError(
+                raise ConfigError(
                     f"class labels must lie in [0, {self.num_classes - 1}] (or {self.num_classes} for the null "
                     f"class), got values in [{lo}, {hi}]"
                 )
@@ -346,7 +349,12 @@ def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------------
 # Registry: SiT-{S,B,L,XL}/{2,4,8} -> (depth, hidden_size, num_heads)
-ARCHS: dict[str, tuple[int, int, int]] = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+ARCHS: dict[str, tuple[int, int, int]] = {
+    "XL": (28, 1152, 16),
+    "L": (24, 1024, 16),
+    "B": (12, 768, 12),
+    "S": (12, 384, 6),
+}
 
 
 def _make(size: str, patch: int) -> Callable[..., SiT]:
@@ -375,8 +383,8 @@ MODEL_PRESETS: dict[str, Callable[..., SiT]] = {
 def parse_model_name(name: str) -> tuple[int, int, int, int]:
     """'SiT-XL/2' -> (depth, hidden_size, num_heads, patch_size); ValueError listing the valid names."""
     if name not in MODEL_PRESETS:
-        raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(MODEL_PRESETS)}")
-    size, patch = name[len("SiT-"):].split("/")
+        raise ConfigError(f"unknown model {name!r}; valid choices: {', '.join(MODEL_PRESETS)}")
+    size, patch = name[len("SiT-") :].split("/")
     depth, hidden, heads = ARCHS[size]
     return depth, hidden, heads, int(patch)
 

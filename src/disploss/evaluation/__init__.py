@@ -4,12 +4,12 @@
   precision_recall).
 - npz: ADM's batch files (save_samples_npz, load_samples_npz, load_reference_batch).
 - inception: the 2015-12-05 Inception-v3 via torch-fidelity, read out at pool_3, mixed_6/conv and the softmax.
-- cli: `disploss evaluate REF.npz SAMPLE.npz` and its Python form `evaluate`.
+- evaluate: `evaluate(ref, sample)`, the numbers of `disploss evaluate REF.npz SAMPLE.npz`.
 
 Importing this package is light: torch, torch-fidelity and scipy are imported inside the functions that use them.
 """
 
-from disploss.evaluation.cli import evaluate
+from disploss.evaluation.evaluate import evaluate
 from disploss.evaluation.inception import InceptionFeatureExtractor, InceptionFeatures, InceptionWeightsError
 from disploss.evaluation.metrics import compute_statistics, frechet_distance, inception_score, precision_recall
 from disploss.evaluation.npz import ReferenceBatch, load_reference_batch, load_samples_npz, save_samples_npz
@@ -28,4 +28,3 @@ __all__ = [
     "precision_recall",
     "save_samples_npz",
 ]
-

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from disploss.errors import ConfigError, MissingFileError, UsageError
+
 WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
@@ -63,12 +65,12 @@ def _check_weights_file(path: Path) -> None:
     import torch
 
     if not path.is_file():
-        raise FileNotFoundError(f"Inception weights file {path} does not exist; {_OFFLINE_HINT}")
+        raise MissingFileError(f"Inception weights file {path} does not exist; {_OFFLINE_HINT}")
     # torch-fidelity loads the file with weights_only=False; make sure it is plain tensors before it does.
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:
-        raise ValueError(
+        raise ConfigError(
             f"Inception weights file {path} is not a plain PyTorch state dict of tensors ({error}); {_OFFLINE_HINT}"
         ) from error
 
@@ -87,7 +89,7 @@ def _tf32_disabled(disable: bool):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-class InceptionWeightsError(RuntimeError):
+class InceptionWeightsError(UsageError, RuntimeError):
     """The default Inception weights could not be downloaded (or read from torch hub's cache)."""
 
 
@@ -120,7 +122,7 @@ class InceptionFeatureExtractor:
                     "inception-v3-compat", features_list, feature_extractor_weights_path=str(weights_path)
                 )
             except RuntimeError as error:  # load_state_dict: missing, unexpected or mis-shaped tensors
-                raise ValueError(
+                raise ConfigError(
                     f"Inception weights file {weights_path} does not match torch-fidelity's Inception-v3 ({error})"
                 ) from error
         else:
@@ -152,7 +154,7 @@ class InceptionFeatureExtractor:
 
         images = torch.as_tensor(images)
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(
+            raise ConfigError(
                 f"expected uint8 images of shape (B, H, W, 3), got {images.dtype} of shape {tuple(images.shape)}"
             )
         x = images.to(self.device).permute(0, 3, 1, 2)  # (B, 3, H, W), torch-fidelity's layout
@@ -177,9 +179,9 @@ class InceptionFeatureExtractor:
         from tqdm.auto import tqdm
 
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if len(images) == 0:
-            raise ValueError("no images to compute Inception features of")
+            raise ConfigError("no images to compute Inception features of")
         pools, spatials, probs = [], [], []
         with tqdm(total=len(images), unit="img", desc="inception", disable=not progress) as bar:
             for start in range(0, len(images), batch_size):

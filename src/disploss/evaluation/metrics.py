@@ -11,16 +11,18 @@ import warnings
 
 import numpy as np
 
+from disploss.errors import ConfigError
+
 
 def _as_float64_matrix(name: str, features: np.ndarray, min_rows: int) -> np.ndarray:
     features = np.asarray(features)
     if features.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (N, D) features, got shape {features.shape}")
+        raise ConfigError(f"{name} must be 2-D (N, D) features, got shape {features.shape}")
     if features.shape[0] < min_rows:
-        raise ValueError(f"{name} needs at least {min_rows} rows (images), got {features.shape[0]}")
+        raise ConfigError(f"{name} needs at least {min_rows} rows (images), got {features.shape[0]}")
     features = features.astype(np.float64, copy=False)
     if not np.isfinite(features).all():
-        raise ValueError(f"{name} contains NaN or inf values")
+        raise ConfigError(f"{name} contains NaN or inf values")
     return features
 
 
@@ -79,27 +81,29 @@ def frechet_distance(
     sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
     sigma2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
     if mu1.shape != mu2.shape or mu1.ndim != 1:
-        raise ValueError(f"mean vectors must both be (D,) with the same D, got shapes {mu1.shape} and {mu2.shape}")
+        raise ConfigError(f"mean vectors must both be (D,) with the same D, got shapes {mu1.shape} and {mu2.shape}")
     dim = mu1.shape[0]
     if sigma1.shape != (dim, dim) or sigma2.shape != (dim, dim):
-        raise ValueError(
+        raise ConfigError(
             f"covariances must both be ({dim}, {dim}) to match the means {mu1.shape}, "
             f"got shapes {sigma1.shape} and {sigma2.shape}"
         )
     for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
         if not np.isfinite(value).all():
-            raise ValueError(f"{name} contains NaN or inf values; the statistics are broken")
+            raise ConfigError(f"{name} contains NaN or inf values; the statistics are broken")
 
     diff = mu1 - mu2
     covmean = _sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
-        warnings.warn(f"frechet_distance: singular product of covariances; adding {eps} to their diagonals")
+        warnings.warn(
+            f"frechet_distance: singular product of covariances; adding {eps} to their diagonals", stacklevel=2
+        )
         offset = np.eye(dim) * eps
         covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             largest = np.max(np.abs(covmean.imag))
-            raise ValueError(
+            raise ConfigError(
                 f"sqrtm(sigma1 @ sigma2) has a large imaginary component ({largest:.3g}); "
                 "the covariances are not positive semi-definite or too few images were used"
             )
@@ -125,9 +129,9 @@ def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
 
     probs = _as_float64_matrix("probs", probs, min_rows=1)
     if split_size < 1:
-        raise ValueError(f"split_size must be >= 1, got {split_size}")
+        raise ConfigError(f"split_size must be >= 1, got {split_size}")
     if (probs < 0).any() or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
-        raise ValueError("probs must be non-negative with rows summing to 1 (softmax outputs)")
+        raise ConfigError("probs must be non-negative with rows summing to 1 (softmax outputs)")
     scores = []
     for start in range(0, len(probs), split_size):
         part = probs[start : start + split_size]  # (n, K)
@@ -193,18 +197,16 @@ def precision_recall(
     import torch
 
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ConfigError(f"k must be >= 1, got {k}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     ref = _as_float64_matrix("ref_features", ref_features, min_rows=0)
     sample = _as_float64_matrix("sample_features", sample_features, min_rows=0)
     if ref.shape[1] != sample.shape[1]:
-        raise ValueError(
-            f"feature sizes differ: ref_features {ref.shape} vs sample_features {sample.shape}"
-        )
+        raise ConfigError(f"feature sizes differ: ref_features {ref.shape} vs sample_features {sample.shape}")
     for name, feats in (("ref_features", ref), ("sample_features", sample)):
         if feats.shape[0] < k + 1:
-            raise ValueError(
+            raise ConfigError(
                 f"{name} has {feats.shape[0]} points; precision/recall with k={k} needs at least {k + 1} "
                 "(each point needs k other points to define its radius)"
             )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from disploss.errors import ConfigError, MissingFileError
 from disploss.fileio import atomic_write
 
 IMAGES_KEY = "arr_0"
@@ -20,11 +21,11 @@ STATISTICS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 def _check_images(images: np.ndarray, where: str) -> np.ndarray:
     if images.dtype != np.uint8:
-        raise ValueError(f"{where}: images must be uint8 in [0, 255], found dtype {images.dtype}")
+        raise ConfigError(f"{where}: images must be uint8 in [0, 255], found dtype {images.dtype}")
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{where}: images must have shape (N, H, W, 3) (NHWC, RGB), found shape {images.shape}")
+        raise ConfigError(f"{where}: images must have shape (N, H, W, 3) (NHWC, RGB), found shape {images.shape}")
     if images.shape[0] == 0:
-        raise ValueError(f"{where}: holds no images (shape {images.shape})")
+        raise ConfigError(f"{where}: holds no images (shape {images.shape})")
     return images
 
 
@@ -48,13 +49,13 @@ def save_samples_npz(path: str | os.PathLike, images: np.ndarray) -> None:
 def _open_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such .npz file")
+        raise MissingFileError(f"{path}: no such .npz file")
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise ValueError(f"{path}: cannot be read as an .npz file ({error})") from error
+        raise ConfigError(f"{path}: cannot be read as an .npz file ({error})") from error
     if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: is a single .npy array, not an .npz archive with key {IMAGES_KEY!r}")
+        raise ConfigError(f"{path}: is a single .npy array, not an .npz archive with key {IMAGES_KEY!r}")
     return data
 
 
@@ -73,7 +74,7 @@ def load_samples_npz(path: str | os.PathLike) -> np.ndarray:
     """
     with _open_npz(path) as data:
         if IMAGES_KEY not in data.files:
-            raise ValueError(f"{path}: no key {IMAGES_KEY!r} (ADM's image key); keys found: {sorted(data.files)}")
+            raise ConfigError(f"{path}: no key {IMAGES_KEY!r} (ADM's image key); keys found: {sorted(data.files)}")
         images = data[IMAGES_KEY]
     return _check_images(images, str(path))
 
@@ -102,9 +103,9 @@ class ReferenceBatch:
 
 def _check_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, names: str) -> None:
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{path}: statistics {names} must be (D,) and (D, D), found {mu.shape} and {sigma.shape}")
+        raise ConfigError(f"{path}: statistics {names} must be (D,) and (D, D), found {mu.shape} and {sigma.shape}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"{path}: statistics {names} contain NaN or inf values")
+        raise ConfigError(f"{path}: statistics {names} contain NaN or inf values")
 
 
 def load_reference_batch(path: str | os.PathLike) -> ReferenceBatch:
@@ -129,11 +130,11 @@ def load_reference_batch(path: str | os.PathLike) -> ReferenceBatch:
         _check_images(images, str(path))
     for mean_key, cov_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if (mean_key in stats) != (cov_key in stats):
-            raise ValueError(f"{path}: has only one of {mean_key!r} and {cov_key!r}; keys found: {found}")
+            raise ConfigError(f"{path}: has only one of {mean_key!r} and {cov_key!r}; keys found: {found}")
         if mean_key in stats:
             _check_statistics(path, stats[mean_key], stats[cov_key], f"{mean_key}/{cov_key}")
     if images is None and not stats:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: neither images ({IMAGES_KEY!r}) nor statistics ({', '.join(STATISTICS_KEYS)}); "
             f"keys found: {found}"
         )

@@ -6,9 +6,11 @@ A field is f(x, t) with x (B, ...) and t (B,); `ts` is the 1-D time grid, increa
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+
+from disploss.errors import ConfigError
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -17,7 +19,9 @@ def _tvec(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.ones(x.shape[0], device=x.device, dtype=x.dtype) * t
 
 
-def ode_fixed(f: Field, x: torch.Tensor, ts: torch.Tensor, method: str = "euler", keep: bool = True) -> list[torch.Tensor]:
+def ode_fixed(
+    f: Field, x: torch.Tensor, ts: torch.Tensor, method: str = "euler", keep: bool = True
+) -> list[torch.Tensor]:
     """Euler (1 evaluation a step) or Heun (explicit trapezoid, 2 a step) on the grid `ts`.
 
     The same steps as torchdiffeq's 'euler' and 'heun2', with an exact count of field evaluations:
@@ -33,7 +37,7 @@ def ode_fixed(f: Field, x: torch.Tensor, ts: torch.Tensor, method: str = "euler"
             k2 = f(x + dt * k1, _tvec(ts[i + 1], x))
             x = x + dt * 0.5 * (k1 + k2)
         else:
-            raise ValueError(f"unknown fixed-step method {method!r}; valid choices: euler, heun2")
+            raise ConfigError(f"unknown fixed-step method {method!r}; valid choices: euler, heun2")
         if keep:
             states.append(x)
     return states if keep else [x]
@@ -91,7 +95,7 @@ def sde_integrate(
             k2 = drift(x_hat + dt * k1, t + dt)
             x = x_hat + 0.5 * dt * (k1 + k2)
         else:
-            raise ValueError(f"unknown SDE method {method!r}; valid choices: Euler, Heun")
+            raise ConfigError(f"unknown SDE method {method!r}; valid choices: Euler, Heun")
         if keep:
             samples.append(x)
     return samples if keep else [x]

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from disploss.errors import ConfigError
+
 PATH_TYPES = ("Linear", "GVP", "VP")
 DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
 
@@ -74,7 +76,7 @@ class _Path:
             return 0.25 * (norm * torch.cos(math.pi * te) + 1) ** 2
         if form == "increasing-decreasing":
             return norm * torch.sin(math.pi * te) ** 2
-        raise ValueError(f"unknown diffusion form {form!r}; valid choices: {', '.join(DIFFUSION_FORMS)}")
+        raise ConfigError(f"unknown diffusion form {form!r}; valid choices: {', '.join(DIFFUSION_FORMS)}")
 
     # -- conversions (x, t) + one prediction -> another -------------------------------------------------
     def score_from_velocity(self, velocity: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -179,5 +181,5 @@ def make_path(path_type: str) -> _Path:
     """'Linear' | 'GVP' | 'VP' -> path object (ValueError listing the choices otherwise)."""
     paths = {"Linear": LinearPath, "GVP": GVPPath, "VP": VPPath}
     if path_type not in paths:
-        raise ValueError(f"unknown path type {path_type!r}; valid choices: {', '.join(PATH_TYPES)}")
+        raise ConfigError(f"unknown path type {path_type!r}; valid choices: {', '.join(PATH_TYPES)}")
     return paths[path_type]()

@@ -6,10 +6,11 @@ states after each step plus the last step; `sample_ode_likelihood` returns (log 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
+from disploss.errors import ConfigError
 from disploss.transport.integrators import default_noise, ode_fixed, ode_torchdiffeq, sde_integrate
 from disploss.transport.paths import DIFFUSION_FORMS
 from disploss.transport.transport import Transport
@@ -25,11 +26,11 @@ LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
 
 def _check_ode_method(sampling_method: str, num_steps: int) -> None:
     if sampling_method not in TORCHDIFFEQ_METHODS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown ODE sampling method {sampling_method!r}; valid choices: {', '.join(TORCHDIFFEQ_METHODS)}"
         )
     if num_steps < 2:
-        raise ValueError(f"num_steps must be at least 2, got {num_steps}")
+        raise ConfigError(f"num_steps must be at least 2, got {num_steps}")
 
 
 class Sampler:
@@ -109,15 +110,17 @@ class Sampler:
             fn(x, model_fn, **model_kwargs) -> list of num_steps states (the last after the last step).
         """
         if sampling_method not in SDE_METHODS:
-            raise ValueError(f"unknown SDE sampling method {sampling_method!r}; valid choices: {', '.join(SDE_METHODS)}")
+            raise ConfigError(
+                f"unknown SDE sampling method {sampling_method!r}; valid choices: {', '.join(SDE_METHODS)}"
+            )
         if diffusion_form not in DIFFUSION_FORMS:
-            raise ValueError(f"unknown diffusion form {diffusion_form!r}; valid choices: {', '.join(DIFFUSION_FORMS)}")
+            raise ConfigError(f"unknown diffusion form {diffusion_form!r}; valid choices: {', '.join(DIFFUSION_FORMS)}")
         if last_step == "None":
             last_step = None
         if last_step not in LAST_STEPS:
-            raise ValueError(f"unknown last step {last_step!r}; valid choices: None, Mean, Tweedie, Euler")
+            raise ConfigError(f"unknown last step {last_step!r}; valid choices: None, Mean, Tweedie, Euler")
         if num_steps < 2:
-            raise ValueError(f"num_steps must be at least 2, got {num_steps}")
+            raise ConfigError(f"num_steps must be at least 2, got {num_steps}")
         if last_step is None:
             last_step_size = 0.0
         t0, t1 = self.transport.interval(

@@ -3,11 +3,12 @@ and the drift / score fields that the samplers integrate."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from disploss.dispersive import check_variant, dispersive_loss
+from disploss.errors import ConfigError
 from disploss.transport.paths import PATH_TYPES, expand_t_like_x, make_path
 
 PREDICTIONS = ("velocity", "score", "noise")
@@ -25,7 +26,7 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 def _choice(value, choices, what: str):
     if value not in choices:
         shown = ", ".join("None" if c is None else str(c) for c in choices)
-        raise ValueError(f"unknown {what} {value!r}; valid choices: {shown}")
+        raise ConfigError(f"unknown {what} {value!r}; valid choices: {shown}")
     return value
 
 
@@ -81,7 +82,7 @@ class Transport:
             else:
                 t1 = 1 - last_step_size
         if not t0 < t1:
-            raise ValueError(f"empty time interval [{t0}, {t1}]: check sample_eps / last_step_size")
+            raise ConfigError(f"empty time interval [{t0}, {t1}]: check sample_eps / last_step_size")
         return t0, t1
 
     def sample_t(self, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -133,11 +134,11 @@ class Transport:
         else:
             pred = model(xt, t, **model_kwargs)
         if pred.shape != xt.shape:
-            raise ValueError(f"model output shape {tuple(pred.shape)} does not match its input {tuple(xt.shape)}")
+            raise ConfigError(f"model output shape {tuple(pred.shape)} does not match its input {tuple(xt.shape)}")
         flow = self._flow_loss(pred.float(), xt, t, noise, ut)
         if use_disp:
             if not -len(acts) <= disp_block < len(acts):
-                raise ValueError(f"disp_block {disp_block} is out of range for a model with {len(acts)} blocks")
+                raise ConfigError(f"disp_block {disp_block} is out of range for a model with {len(acts)} blocks")
             disp = dispersive_loss(acts[disp_block], disp_variant, tau=disp_tau, margin=disp_margin, gather=disp_gather)
             disp_for_grad = disp
             if disp_gather:
@@ -185,7 +186,7 @@ class Transport:
     def _predict(x, t, model: Callable, model_kwargs: dict) -> torch.Tensor:
         out = model(x, t, **model_kwargs)
         if out.shape != x.shape:
-            raise ValueError(f"model output shape {tuple(out.shape)} does not match its input {tuple(x.shape)}")
+            raise ConfigError(f"model output shape {tuple(out.shape)} does not match its input {tuple(x.shape)}")
         return out
 
     def _score_of(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,202 @@
+"""Checkpoint files: plain, atomic, safe to load.
+
+What a checkpoint is here:
+- A dict of tensors and plain containers only (dict, list, tuple, str, int, float, bool, None), so that it
+  loads with `torch.load(weights_only=True)`: loading cannot run code. `save_checkpoint` refuses anything else
+  (the reference pickled an argparse.Namespace, which torch >= 2.6 refuses to load by default).
+- Written atomically (temporary file + rename): a killed run leaves the previous checkpoint intact.
+
+Old pickled checkpoints are converted once, by someone who trusts the file:
+`disploss convert-checkpoint IN OUT --trust` (disploss.checkpoint.convert).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from disploss.errors import MissingFileError, UsageError
+from disploss.fileio import atomic_path
+
+CONVERT_COMMAND = "disploss convert-checkpoint IN OUT --trust"
+PLAIN_SCALARS = (str, int, float, bool, type(None))
+
+
+class CheckpointError(UsageError, ValueError):
+    """A checkpoint file that cannot be used (base class of the errors below)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file is a pickle that carries code (or classes) and was refused by the weights-only loader."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The file is truncated, empty, or not a PyTorch checkpoint at all."""
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    # Exact types on purpose: subclasses (namedtuple, numpy.float64, Path...) are pickled as their own class,
+    # which the weights-only loader refuses. torch.Size / dtype / device are allow-listed by torch itself.
+    if isinstance(obj, torch.Tensor) or type(obj) in PLAIN_SCALARS:
+        return
+    if isinstance(obj, (torch.Size, torch.dtype, torch.device)):
+        return
+    if type(obj) in (dict, collections.OrderedDict):
+        for key, value in obj.items():
+            if type(key) not in PLAIN_SCALARS:
+                raise TypeError(
+                    f"checkpoint key {key!r} at {where} is a {type(key).__module__}.{type(key).__qualname__}; "
+                    "dict keys must be str, int, float, bool or None"
+                )
+            _check_plain(value, f"{where}[{key!r}]")
+        return
+    if type(obj) in (list, tuple):
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+        return
+    hint = (
+        " (use vars(args) or dataclasses.asdict(config))"
+        if isinstance(obj, argparse.Namespace) or (dataclasses.is_dataclass(obj))
+        else ""
+    )
+    raise TypeError(
+        f"checkpoint entry {where} is a {type(obj).__module__}.{type(obj).__qualname__}: checkpoints may hold only "
+        f"tensors and plain containers (dict, list, tuple, str, int, float, bool, None){hint}"
+    )
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    """Write `state` to `path` atomically, after checking that it holds only what `weights_only=True` loads.
+
+    Args:
+        path: destination file (its folder is created if needed).
+        state: dict of tensors and plain containers (dict, list, tuple, str, int, float, bool, None),
+            e.g. {"model": ..., "ema": ..., "opt": ..., "args": vars(args), "train_steps": 50000}.
+    Returns:
+        The path written.
+    Raises:
+        TypeError: naming the key path of the first entry that is not plain, e.g. `state['args']`.
+    """
+    if type(state) not in (dict, collections.OrderedDict):
+        raise TypeError(f"a checkpoint must be a dict, got {type(state).__qualname__}")
+    _check_plain(state, "state")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def _unpickler_reason(message: str) -> str:
+    # torch's message is long; keep the one line that says which global or opcode was refused.
+    match = re.search(r"WeightsUnpickler error:\s*(.+)", message)
+    if not match:
+        return message.strip().splitlines()[0] if message.strip() else "refused by the weights-only unpickler"
+    reason = match.group(1).strip()
+    reason = re.sub(r"\s+was not an allowed global by default.*", "", reason)
+    return reason or "refused by the weights-only unpickler"
+
+
+def _looks_like_pickle_container(path: Path) -> bool:
+    # A torch zip archive or a raw/legacy pickle (protocol >= 2 starts with 0x80): a refusal by the weights-only
+    # unpickler then means "carries code"; for anything else it means "not a checkpoint".
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint with `torch.load(weights_only=True)`: loading never runs code from the file.
+
+    Args:
+        path: a `.pt` file written by `save_checkpoint` (or any plain torch checkpoint, e.g. the released ones).
+        map_location: passed to torch.load ("cpu" by default).
+    Returns:
+        The stored object (normally a dict).
+    Raises:
+        FileNotFoundError: the file does not exist.
+        UnsafeCheckpointError: the file pickles classes or code (e.g. an argparse.Namespace of an old train.py);
+            the message gives the command that converts a TRUSTED file.
+        CorruptCheckpointError: the file is empty, truncated or not a PyTorch checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    if path.suffix == ".safetensors":
+        raise CorruptCheckpointError(
+            f"{path} is a safetensors file, not a training checkpoint; load model weights from it with "
+            "disploss.checkpoint.load_sit_weights / build_sit_from_checkpoint (training cannot resume from it)"
+        )
+    if path.stat().st_size == 0:
+        raise CorruptCheckpointError(f"checkpoint {path} is empty (0 bytes): it was not written completely")
+    try:
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of non-torch pickles before refusing them anyway.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not _looks_like_pickle_container(path):
+            raise CorruptCheckpointError(f"{path} is not a PyTorch checkpoint ({_unpickler_reason(str(err))})") from err
+        raise UnsafeCheckpointError(
+            f"{path} is not a plain checkpoint: it holds pickled Python objects "
+            f"({_unpickler_reason(str(err))}), and loading it could run code, so it was refused for safety. "
+            f"If you TRUST where the file comes from, convert it once with:\n"
+            f"    disploss convert-checkpoint {path} {path.with_name(path.stem + '-plain.pt')} --trust\n"
+            f"(usage: {CONVERT_COMMAND}) and use the converted file."
+        ) from err
+    except PermissionError:
+        raise
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, IndexError, AttributeError, TypeError) as err:
+        # torch reports a damaged file through many exception types (miniz RuntimeError, EOFError, KeyError...).
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CorruptCheckpointError(
+            f"cannot read checkpoint {path} ({path.stat().st_size} bytes): it is truncated, corrupt or not a "
+            f"PyTorch checkpoint ({type(err).__name__}: {first})"
+        ) from err
+
+
+def import_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
+    """Read a safetensors file and the model configuration stored in its metadata.
+
+    Args:
+        path: a `.safetensors` file (ours, or any other: the config is then {}).
+    Returns:
+        (tensors by name as stored, config dict: SiT constructor arguments plus "model_name" when known).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"safetensors file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as err:
+        raise CorruptCheckpointError(f"cannot read safetensors file {path}: {err}") from err
+    config: dict = {}
+    for field in ("model_config", "config", "meta"):
+        if field not in metadata:
+            continue
+        try:
+            value = json.loads(metadata[field])
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict) and isinstance(value.get("model_config"), dict):
+            value = value["model_config"]
+        if isinstance(value, dict) and "hidden_size" in value:
+            config = dict(value)
+            break
+    if "model_name" in metadata:
+        config["model_name"] = metadata["model_name"]
+    return tensors, config

@@ -1,0 +1,52 @@
+"""`disploss evaluate REF.npz SAMPLE.npz`: Inception Score, FID, sFID, precision and recall, printed as ADM does."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import get_args
+
+from disploss.commands.report import guarded
+from disploss.evaluation.evaluate import Device, evaluate
+from disploss.evaluation.inception import WEIGHTS_URL
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ref_batch", type=Path, help="ADM reference batch .npz (arr_0 and/or mu, sigma, mu_s, sigma_s)")
+    parser.add_argument("sample_batch", type=Path, help="sample batch .npz (arr_0: uint8 N x H x W x 3)")
+    parser.add_argument("--inception-weights", type=Path, default=None, metavar="PATH",
+                        help=f"local Inception-v3 weights (offline machines); default: download {WEIGHTS_URL}")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception forward pass")
+    parser.add_argument("--device", choices=get_args(Device), default="auto", help="where to run Inception")
+    parser.add_argument("--out", type=Path, default=None, metavar="JSON", help="also write the numbers to JSON")
+    parser.add_argument("--ref-cache", type=Path, default=None, metavar="PATH",
+                        help="cache the reference statistics and features in this .npz; reused while the reference "
+                             "is unchanged")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _show(value: float | None) -> str:
+    return "unavailable" if value is None else repr(value)
+
+
+def run(args: argparse.Namespace) -> int:
+    def go() -> int:
+        from disploss.fileio import atomic_write_json
+
+        result = evaluate(
+            args.ref_batch, args.sample_batch, weights_path=args.inception_weights, batch_size=args.batch_size,
+            device=args.device, ref_cache=args.ref_cache, progress=not args.no_progress,
+        )  # fmt: skip
+        print("Inception Score:", _show(result["inception_score"]))
+        print("FID:", _show(result["fid"]))
+        print("sFID:", _show(result["sfid"]))
+        print("Precision:", _show(result["precision"]))
+        print("Recall:", _show(result["recall"]))
+        if "precision_recall_unavailable" in result:
+            print(f"precision/recall unavailable: {result['precision_recall_unavailable']}")
+        if args.out is not None:
+            atomic_write_json(args.out, result)
+            print(f"wrote {args.out}")
+        return 0
+
+    return guarded("evaluate", go)

@@ -1,0 +1,60 @@
+"""`disploss COMMAND [options]`: dispatch to the command's module, importing only that one (so that
+`disploss --help` stays fast). Each command module exposes `add_arguments(parser)` and `run(args) -> int`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from disploss.commands.flags import HelpFormatter
+
+# command name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("disploss.commands.train", "train a SiT model (torchrun-compatible), with --disp for dispersive loss"),
+    "sample": ("disploss.commands.sample", "sample a grid of images from a checkpoint (ODE or SDE)"),
+    "sample-ddp": ("disploss.commands.sample_ddp", "sample many images to PNGs and an ADM .npz (torchrun-compatible)"),
+    "evaluate": ("disploss.commands.evaluate", "FID, sFID, Inception Score, precision, recall of two .npz batches"),
+    "extract-latents": ("disploss.commands.extract_latents", "cache VAE posterior moments of a dataset for --latents"),
+    "convert-checkpoint": (
+        "disploss.commands.convert_checkpoint",
+        "convert a trusted pickled checkpoint or export EMA to safetensors",
+    ),
+    "demo": ("disploss.commands.demo", "train a small SiT with dispersive loss on the bundled digits (CPU, minutes)"),
+    "bench": ("disploss.commands.bench", "benchmark training, the dispersive loss and sampling"),
+    "experiment": ("disploss.commands.experiment", "baseline vs dispersive loss on the bundled digits, several seeds"),
+}
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand (also used by the root train.py / sample.py / sample_ddp.py shims)."""
+    module_name, help_text = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"disploss {command}", description=help_text, formatter_class=HelpFormatter)
+    module.add_arguments(parser)
+    return parser
+
+
+def run_command(command: str, argv: list[str]) -> int:
+    """Parse `argv` for `command` (unknown flags are an error) and run it."""
+    module = importlib.import_module(COMMANDS[command][0])
+    args = build_parser(command).parse_args(argv)
+    return int(module.run(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: disploss COMMAND [options]\n\ncommands:")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:<20} {help_text}")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"disploss: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return run_command(command, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

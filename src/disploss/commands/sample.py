@@ -1,0 +1,28 @@
+"""`disploss sample MODE` / `python sample.py MODE`: a grid of class-conditional samples from one checkpoint.
+
+python sample.py ODE --model SiT-XL/2 --image-size 256 --ckpt /path/to/model.pt
+disploss sample SDE --ckpt results/000-SiT-B-2-Linear-velocity-None/checkpoints/0400000.pt --cfg-scale 1.5
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from disploss.commands.flags import add_mode_subparsers, config_from_namespace
+from disploss.commands.report import guarded
+from disploss.sampling.config import MODES
+from disploss.sampling.grid import SampleConfig, sample_grid
+
+MODE_HELP = {"ODE": "sample with the probability-flow ODE", "SDE": "sample with the reverse-time SDE"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_mode_subparsers(parser, SampleConfig, MODES, MODE_HELP, check_at_parse=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    def go() -> int:
+        sample_grid(config_from_namespace(SampleConfig, args))
+        return 0
+
+    return guarded("sample", go)

@@ -1,0 +1,50 @@
+"""Where and in which precision the work runs: one definition shared by training, sampling and the benchmark.
+
+Precisions (the --precision flag everywhere):
+- fp32: float32 everywhere, TF32 off.
+- tf32: float32 with TF32 matmuls and convolutions on Ampere+ GPUs (the reference's setting).
+- bf16: the model under bfloat16 autocast; what autocast leaves in float32 may use TF32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from disploss.errors import ConfigError
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+DEVICES = ("cuda", "cpu")
+
+__all__ = ["DEVICES", "PRECISIONS", "autocast", "resolve_device", "set_precision"]
+
+
+def set_precision(precision: str) -> None:
+    """TF32 matmuls for 'tf32' and 'bf16', off for 'fp32' (a process-wide torch setting)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; valid choices: {', '.join(PRECISIONS)}")
+    tf32 = precision in ("tf32", "bf16")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a precision: bfloat16 for 'bf16', a no-op otherwise."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """'cuda' | 'cpu' | None (CUDA when available); a one-line error for a device that is not there."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind = name.split(":")[0]
+    if kind not in DEVICES:
+        raise ConfigError(f"--device {name!r} is not a valid device; valid choices: {', '.join(DEVICES)}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {name}: no CUDA device is available (torch.cuda.is_available() is False); use --device cpu"
+        )
+    return torch.device(name)

@@ -1,0 +1,186 @@
+"""Typed settings of sampling, shared by `disploss sample` (a grid) and `disploss sample-ddp` (an .npz for FID).
+
+- `SamplerConfig`: the MODE (ODE | SDE, a positional sub-command as in the reference: `sample.py ODE --model ...`)
+  and its own options; `sampler_fn` turns it into a sampling function.
+- `ModelSpec`: which checkpoint, model, VAE and transport. Each field left None is taken from the checkpoint's
+  stored training arguments (our checkpoints, and converted reference ones), else from its tensor shapes, else
+  the reference default (disploss.sampling.load).
+- `GuidanceConfig`: classifier-free guidance and the pixel conversion, the same for both commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from disploss.errors import ConfigError
+from disploss.imageio import PIXEL_CONVERSIONS
+from disploss.options import at_least, check_options, option, positive
+from disploss.runtime import DEVICES, PRECISIONS
+from disploss.transport import DIFFUSION_FORMS, LOSS_WEIGHTS, PATH_TYPES, PREDICTIONS, SDE_METHODS
+from disploss.transport.sampler import TORCHDIFFEQ_METHODS as ODE_METHODS
+
+MODES = ("ODE", "SDE")
+LAST_STEPS = ("None", "Mean", "Tweedie", "Euler")  # 'None' as the reference spells it on the command line
+REFERENCE_GUIDE_CHANNELS = 3
+
+__all__ = [
+    "GuidanceConfig",
+    "LAST_STEPS",
+    "MODES",
+    "ModelSpec",
+    "REFERENCE_GUIDE_CHANNELS",
+    "SamplerConfig",
+    "sampler_fn",
+]
+
+
+def parse_guide_channels(text: str) -> int | None:
+    """--guide-channels: a positive int (3: the reference) or 'all' (-> None: the standard form)."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{text!r}: valid values are a positive integer (3: the reference) or 'all'")
+    return int(text)
+
+
+def parse_class_labels(text: str) -> tuple[int, ...]:
+    """--class-labels: comma-separated non-negative ints, e.g. '207,360,387'."""
+    try:
+        labels = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a comma-separated list of integers, e.g. 207,360") from None
+    if not labels or min(labels) < 0:
+        raise ConfigError(f"{text!r}: give at least one class label, each >= 0")
+    return labels
+
+
+def check_cfg_scale(value: float) -> str | None:
+    """>= 1 (1 disables guidance; below 1 the reference refuses too); NaN is refused."""
+    if value >= 1.0:
+        return None
+    return f"must be >= 1.0 (1 disables guidance; the published numbers use 1.5 or 4.0), got {value}"
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """The sampling mode and its options (the reference's flags and defaults of each mode)."""
+
+    mode: str = option("ODE", "ODE (probability flow, torchdiffeq) or SDE (Euler-Maruyama / Heun)", choices=MODES,
+                       cli=False)  # the sub-command, not a flag  # fmt: skip
+    num_sampling_steps: int = option(250, "points of the time grid (bounds the model calls of fixed-step methods only)",
+                                     check=at_least(2))  # fmt: skip
+    ode_method: str = option(
+        "dopri5", f"torchdiffeq method, one of {', '.join(ODE_METHODS)}; euler and heun2 use exactly (steps - 1) or "
+        "2 (steps - 1) model calls", choices=ODE_METHODS, flag="--sampling-method", metavar="METHOD", modes=("ODE",),
+    )  # fmt: skip
+    atol: float = option(1e-6, "absolute tolerance (adaptive methods)", check=positive, modes=("ODE",))
+    rtol: float = option(1e-3, "relative tolerance (adaptive methods)", check=positive, modes=("ODE",))
+    reverse: bool = option(False, "integrate from data to noise", modes=("ODE",))
+    sde_method: str = option("Euler", "Euler-Maruyama or stochastic Heun", choices=SDE_METHODS,
+                             flag="--sampling-method", modes=("SDE",))  # fmt: skip
+    diffusion_form: str = option("sigma", "diffusion coefficient w(t) of the SDE", choices=DIFFUSION_FORMS,
+                                 modes=("SDE",))  # fmt: skip
+    diffusion_norm: float = option(1.0, "scale of w(t)", modes=("SDE",))
+    last_step: str = option("Mean", "deterministic last step from 1 - last-step-size to 1", choices=LAST_STEPS,
+                            modes=("SDE",))  # fmt: skip
+    last_step_size: float = option(0.04, "size of the last step", check=positive, modes=("SDE",))
+
+    def __post_init__(self):
+        check_options(self)
+
+    @property
+    def method(self) -> str:
+        """The sampling method of the mode."""
+        return self.ode_method if self.mode == "ODE" else self.sde_method
+
+    def settings(self) -> dict:
+        """The mode's options as a plain dict (recorded in sample folders and compared on resume)."""
+        out = {"mode": self.mode, "sampling_method": self.method, "num_sampling_steps": self.num_sampling_steps}
+        if self.mode == "ODE":
+            out.update(atol=self.atol, rtol=self.rtol, reverse=self.reverse)
+        else:
+            out.update(diffusion_form=self.diffusion_form, diffusion_norm=self.diffusion_norm,
+                       last_step=self.last_step, last_step_size=self.last_step_size)  # fmt: skip
+        return out
+
+
+def sampler_fn(cfg: SamplerConfig, transport, noise_fn: Callable | None = None) -> Callable:
+    """The sampling function of the chosen mode: fn(x, model_fn, **model_kwargs), whose [-1] is the sample.
+
+    Args:
+        cfg: the mode and its options.
+        transport: a disploss.transport.Transport.
+        noise_fn: SDE only: draws the standard normals of the Brownian increments for a state x
+            (default: the reference's, on the global CPU generator).
+    """
+    from disploss.transport import Sampler
+    from disploss.transport.integrators import default_noise
+
+    sampler = Sampler(transport)
+    if cfg.mode == "ODE":
+        return sampler.sample_ode(sampling_method=cfg.ode_method, num_steps=cfg.num_sampling_steps, atol=cfg.atol,
+                                  rtol=cfg.rtol, reverse=cfg.reverse, keep_trajectory=False)  # fmt: skip
+    return sampler.sample_sde(
+        sampling_method=cfg.sde_method, diffusion_form=cfg.diffusion_form, diffusion_norm=cfg.diffusion_norm,
+        last_step=None if cfg.last_step == "None" else cfg.last_step, last_step_size=cfg.last_step_size,
+        num_steps=cfg.num_sampling_steps, noise_fn=noise_fn or default_noise, keep_trajectory=False,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to sample and how to decode it; None = the checkpoint's value (see the module docstring)."""
+
+    ckpt: str | None = option(
+        None, "SiT checkpoint: a released file (bare state dict or {'ema': ...}), one of our training checkpoints, or "
+        "a .safetensors export. Without it the reference downloads SiT-XL-2-256x256.pt; here it is read from "
+        "pretrained_models/ if present", metavar="PATH",
+    )  # fmt: skip
+    model: str | None = option(None, "model preset, e.g. SiT-XL/2 (default: from the checkpoint's stored arguments, "
+                               "else from its tensor shapes)", metavar="NAME")  # fmt: skip
+    vae: str | None = option(None, "ema | mse (stabilityai/sd-vae-ft-*) | a local AutoencoderKL folder | none (pixel "
+                             "space) (default: the checkpoint's, else the command's)", metavar="SPEC")  # fmt: skip
+    image_size: int | None = option(None, "image side in pixels (default: the checkpoint's, else its latent size "
+                                    "times the VAE factor; released files: 256)", check=at_least(1), metavar="PX")  # fmt: skip
+    num_classes: int | None = option(None, "number of classes (default: the checkpoint's; released files: 1000)",
+                                     check=at_least(1), metavar="N")  # fmt: skip
+    path_type: str | None = option(None, "default: the checkpoint's, else Linear", choices=(None, *PATH_TYPES))
+    prediction: str | None = option(None, "default: the checkpoint's, else velocity", choices=(None, *PREDICTIONS))
+    loss_weight: str | None = option(None, "default: None (has no effect on sampling)", choices=LOSS_WEIGHTS,
+                                     none_literal=True)  # fmt: skip
+    sample_eps: float | None = option(None, "default: the reference's effective value (0 for velocity on "
+                                      "Linear/GVP, else 1e-3)")  # fmt: skip
+    train_eps: float | None = option(None, "default: the reference's effective value (no effect on sampling)")
+
+    def __post_init__(self):
+        check_options(self)
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """Classifier-free guidance, where to run, and how samples become pixels."""
+
+    cfg_scale: float = option(4.0, "classifier-free guidance scale (>= 1; 1 runs the model once per step, unbatched)",
+                              check=check_cfg_scale)  # fmt: skip
+    guide_channels: int | None = option(
+        REFERENCE_GUIDE_CHANNELS, "guide the first K output channels only (3: the reference's DiT legacy behind the "
+        "published numbers) or all of them (the standard form)", metavar="K|all",
+        parse=parse_guide_channels,
+    )  # fmt: skip
+    device: str | None = option(None, "where to run (default: cuda when available)", choices=(None, *DEVICES))
+    pixel_conversion: str = option(
+        "truncate", "[-1,1] -> uint8: truncate = the reference's clamp(127.5 x + 128, 0, 255).to(uint8) "
+        "(bit-comparable npz); round = clamp(round(127.5 (x + 1)), 0, 255)", choices=PIXEL_CONVERSIONS,
+    )  # fmt: skip
+
+    def __post_init__(self):
+        check_options(self)
+        if self.guide_channels is not None and self.guide_channels < 1:
+            raise ConfigError(f"--guide-channels must be a positive integer or all, got {self.guide_channels}")
+
+
+def check_precision(precision: str | None) -> None:
+    """A ConfigError unless precision is None or one of PRECISIONS."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r}; valid choices: {', '.join(PRECISIONS)}")

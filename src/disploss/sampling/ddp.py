@@ -1,0 +1,369 @@
+"""Many samples as PNGs, then one .npz (`disploss sample-ddp MODE`, `torchrun ... sample_ddp.py MODE`):
+one .npz in the input format of ADM's TensorFlow evaluator (key arr_0, uint8 (N, H, W, 3), index order).
+
+    torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py ODE --model SiT-XL/2 --num-fid-samples 50000 --ckpt model.pt
+
+Runs under torchrun (NCCL on CUDA, gloo on CPU) or as one plain process.
+
+Where the files go (the reference's layout, with a name that holds every setting that changes the images and
+none that does not, such as the batch size or the number of processes):
+    {sample_dir}/{folder}/{index:06d}.png, {sample_dir}/{folder}/sample_config.json, {sample_dir}/{folder}.npz
+    folder = {model}-{ckpt stem}-size-{image_size}-vae-{vae}-cfg-{cfg}-seed-{global_seed}-{mode}-{steps}-{method}
+             [-{diffusion_form}-{last_step}-{last_step_size} for SDE][-guide-{K|all} if not 3 and cfg > 1]
+             [-round for --pixel-conversion round]
+with '/' replaced by '-' (a --vae folder contributes its base name). sample_config.json records the resolved
+settings; a later run into the same folder with different settings stops with an error instead of mixing images.
+
+Randomness: image i draws its initial noise, then its class label (uniform), then (SDE) its Brownian
+increments from its own CPU generator seeded by SeedSequence([global_seed, i]). So the images of a
+--global-seed do not depend on the number of processes, the per-process batch size, the device, or which run
+made them (the reference seeded each rank instead). Exactly so with per-process batch size 1; with larger
+batches two things can move a pixel by one level in rare places: float kernels do not give bitwise the same
+rows for different batch sizes, and adaptive ODE solvers (dopri5) choose one step size per batch.
+
+Resuming: a PNG is written atomically, so an existing one is complete. A (re)start lists the missing indices
+< --num-fid-samples, removes a stale .npz, and the ranks take interleaved shares of the missing indices; no
+index is sampled twice. After a barrier rank 0 checks that every image exists and writes the .npz atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from disploss.errors import ConfigError
+from disploss.options import at_least, check_options, option
+from disploss.runtime import PRECISIONS
+from disploss.sampling.config import REFERENCE_GUIDE_CHANNELS, GuidanceConfig, ModelSpec, SamplerConfig
+
+DEFAULT_VAE = "ema"  # the reference's sample_ddp.py default (its sample.py uses mse)
+CONFIG_FILE = "sample_config.json"
+STREAM_VERSION = 1  # bump if the per-image draws change, so that old folders are not silently extended
+_PNG_NAME = re.compile(r"^(\d{6,})\.png$")
+_TMP_NAME = re.compile(r"^\.\d{6,}\.png\..*\.tmp$")  # disploss.fileio's temporary files of a killed run
+# Settings recorded in sample_config.json that may change between runs of one folder (they do not change
+# which image an index gets, up to float rounding).
+_FREE_KEYS = ("ckpt", "per_proc_batch_size", "num_fid_samples", "world_size", "precision", "tf32")
+
+
+@dataclass(frozen=True)
+class SampleDDPConfig:
+    """Every setting of `disploss sample-ddp MODE`."""
+
+    sampler: SamplerConfig = option(default_factory=SamplerConfig)
+    spec: ModelSpec = option(default_factory=ModelSpec)
+    guidance: GuidanceConfig = option(default_factory=lambda: GuidanceConfig(cfg_scale=1.0))
+    sample_dir: str = option("samples", "parent folder of the sample folders")
+    per_proc_batch_size: int = option(4, "images per model batch on each process", check=at_least(1))
+    num_fid_samples: int = option(50_000, "images in the .npz (indices 0 .. N-1)", check=at_least(1))
+    global_seed: int = option(0, "seed of the per-image random streams", check=at_least(0))
+    tf32: bool | None = option(None, "TF32 matmuls (default: on, as the reference's --tf32)", negatable=True)
+    precision: str | None = option(
+        None, "fp32; tf32 = fp32 with TF32 matmuls on Ampere+ GPUs (the reference); bf16 = the model under bfloat16 "
+        "autocast (the solver state and the VAE stay fp32) (default: tf32, or fp32 with --no-tf32)",
+        choices=(None, *PRECISIONS),
+    )  # fmt: skip
+
+    def __post_init__(self):
+        check_options(self)
+
+    def resolved_precision(self) -> tuple[str, bool]:
+        """(--precision, TF32 on?) from --precision and the reference's --tf32 / --no-tf32."""
+        precision = self.precision or ("fp32" if self.tf32 is False else "tf32")
+        if (precision == "tf32" and self.tf32 is False) or (precision == "fp32" and self.tf32):
+            raise ConfigError(f"--precision {precision} contradicts --{'no-' if self.tf32 is False else ''}tf32")
+        tf32 = precision != "fp32" if self.tf32 is None else self.tf32
+        return precision, tf32
+
+
+DEFAULT_VAE = "ema"  # the reference's sample_ddp.py default (its sample.py uses mse)
+CONFIG_FILE = "sample_config.json"
+STREAM_VERSION = 1  # bump if the per-image draws change, so that old folders are not silently extended
+_PNG_NAME = re.compile(r"^(\d{6,})\.png$")
+_TMP_NAME = re.compile(r"^\.\d{6,}\.png\..*\.tmp$")  # disploss.fileio's temporary files of a killed run
+# Settings recorded in sample_config.json that may change between runs of one folder (they do not change
+# which image an index gets, up to float rounding).
+_FREE_KEYS = ("ckpt", "per_proc_batch_size", "num_fid_samples", "world_size", "precision", "tf32")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-image random streams
+
+
+def image_seed(global_seed: int, index: int) -> int:
+    """The 64-bit seed of image `index`: SeedSequence([global_seed, index]) (well mixed, no collisions between
+    nearby seeds and indices)."""
+    return int(np.random.SeedSequence([global_seed, index]).generate_state(1, dtype=np.uint64)[0])
+
+
+def image_generator(global_seed: int, index: int) -> torch.Generator:
+    """A CPU generator for image `index` (draws are moved to the device afterwards, so every device agrees)."""
+    return torch.Generator().manual_seed(image_seed(global_seed, index))
+
+
+def draw_inputs(
+    generators: list[torch.Generator], latent_shape: tuple[int, int, int], num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial noise then class label of each image, each from its own generator.
+
+    Returns:
+        z (B, C, h, w) float32 and y (B,) int64, on the CPU.
+    """
+    z = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])  # (B, C, h, w)
+    y = torch.cat([torch.randint(0, num_classes, (1,), generator=g) for g in generators])  # (B,)
+    return z, y
+
+
+def per_image_noise(generators: list[torch.Generator]):
+    """SDE increments for a batch of B images (or the doubled CFG batch of 2B, both halves the same).
+
+    Returns:
+        noise_fn(x) -> standard normals shaped like x, on x's device and dtype.
+    """
+
+    def noise_fn(x: torch.Tensor) -> torch.Tensor:
+        eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators])  # (B, C, h, w)
+        if x.shape[0] == 2 * len(generators):
+            eps = torch.cat([eps, eps], 0)  # (2B, C, h, w): the unconditional half follows the conditional one
+        return eps.to(x)
+
+    return noise_fn
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sample folder
+
+
+def _vae_label(spec: str) -> str:
+    path = Path(spec).expanduser()
+    if spec not in ("ema", "mse", "none") and path.is_dir():
+        return path.resolve().name
+    return spec.replace("/", "-")
+
+
+def sample_config(cfg: SampleDDPConfig, settings: dict, world_size: int, precision: str, tf32: bool) -> dict:
+    """The resolved settings recorded in the sample folder (plain JSON)."""
+    g = cfg.guidance
+    guided = g.cfg_scale > 1.0
+    return {
+        "stream_version": STREAM_VERSION,
+        "model": settings["model"],
+        "ckpt": settings["ckpt"],
+        "ckpt_name": Path(settings["ckpt"]).stem,
+        "image_size": settings["image_size"],
+        "num_classes": settings["num_classes"],
+        "vae": settings["vae"],
+        "path_type": settings["path_type"],
+        "prediction": settings["prediction"],
+        "sample_eps": settings["sample_eps"],
+        "cfg_scale": g.cfg_scale,
+        # unused without guidance: recorded as such so that changing it alone does not block a resume
+        "guide_channels": ("all" if g.guide_channels is None else g.guide_channels) if guided else "unused",
+        "global_seed": cfg.global_seed,
+        "pixel_conversion": g.pixel_conversion,
+        **cfg.sampler.settings(),
+        "per_proc_batch_size": cfg.per_proc_batch_size,
+        "num_fid_samples": cfg.num_fid_samples,
+        "world_size": world_size,
+        "precision": precision,
+        "tf32": tf32,
+    }
+
+
+def folder_name(config: dict) -> str:
+    """The sample folder's name (see the module docstring); '/' never appears in it."""
+    parts = [
+        config["model"],
+        config["ckpt_name"],
+        "size",
+        config["image_size"],
+        "vae",
+        _vae_label(config["vae"]),
+        "cfg",
+        config["cfg_scale"],
+        "seed",
+        config["global_seed"],
+        config["mode"],
+        config["num_sampling_steps"],
+        config["sampling_method"],
+    ]
+    if config["mode"] == "SDE":
+        parts += [config["diffusion_form"], config["last_step"], config["last_step_size"]]
+    if config["guide_channels"] not in ("unused", REFERENCE_GUIDE_CHANNELS):
+        parts += ["guide", config["guide_channels"]]
+    if config["pixel_conversion"] != "truncate":
+        parts.append(config["pixel_conversion"])
+    return "-".join(str(p) for p in parts).replace("/", "-")
+
+
+def existing_indices(folder: Path) -> set[int]:
+    """Indices of the complete PNGs `{index:06d}.png` in `folder` (temporary files are not counted)."""
+    if not folder.is_dir():
+        return set()
+    return {int(m.group(1)) for entry in folder.iterdir() if (m := _PNG_NAME.match(entry.name))}
+
+
+def missing_indices(folder: Path, num: int) -> list[int]:
+    """Indices in [0, num) without a PNG, in increasing order."""
+    present = existing_indices(folder)
+    return [i for i in range(num) if i not in present]
+
+
+def _check_config(folder: Path, config: dict) -> None:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} is unreadable ({err}); remove it if the images in {folder} are yours") from err
+    keys = sorted((set(old) | set(config)) - set(_FREE_KEYS))
+    differ = [f"{k}: {old.get(k)!r} there, {config.get(k)!r} now" for k in keys if old.get(k) != config.get(k)]
+    if differ:
+        raise ConfigError(
+            f"{folder} holds samples made with other settings ({'; '.join(differ)}); use another --sample-dir "
+            f"or remove that folder"
+        )
+
+
+def prepare_folder(folder: Path, npz_path: Path, config: dict) -> list[int]:
+    """Rank 0, before sampling: create the folder, check / write sample_config.json, remove the temporary files
+    of a killed run and a stale .npz; return the missing indices."""
+    from disploss.fileio import atomic_write_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _check_config(folder, config)
+    if existing_indices(folder) and not (folder / CONFIG_FILE).is_file():
+        print(
+            f"warning: {folder} holds PNGs but no {CONFIG_FILE}; assuming they were made with these settings",
+            file=sys.stderr,
+        )
+    atomic_write_json(folder / CONFIG_FILE, config)
+    for entry in folder.iterdir():
+        if _TMP_NAME.match(entry.name):
+            entry.unlink(missing_ok=True)
+    missing = missing_indices(folder, config["num_fid_samples"])
+    if missing and npz_path.exists():
+        npz_path.unlink()  # it no longer describes a complete folder: it would be rebuilt anyway
+        print(f"removed the stale {npz_path} ({len(missing)} images are missing)")
+    return missing
+
+
+def build_npz(folder: Path, num: int, npz_path: Path, image_size: int) -> tuple[int, ...]:
+    """Stack PNGs 0 .. num-1 into `npz_path` (arr_0, uint8 (num, H, W, 3)), atomically.
+
+    Raises:
+        ValueError: a PNG is missing, unreadable or of another shape (its path is named).
+    """
+    from PIL import Image
+    from tqdm import tqdm
+
+    from disploss.evaluation.npz import save_samples_npz
+
+    images = np.empty((num, image_size, image_size, 3), dtype=np.uint8)
+    for i in tqdm(range(num), desc="building .npz", unit="img"):
+        path = folder / f"{i:06d}.png"
+        try:
+            with Image.open(path) as img:
+                array = np.asarray(img)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise ConfigError(f"cannot read {path} ({err}); delete it and rerun to sample it again") from err
+        if array.shape != images.shape[1:] or array.dtype != np.uint8:
+            raise ConfigError(
+                f"{path} is {array.dtype} {array.shape}, expected uint8 {images.shape[1:]}; delete it "
+                f"and rerun to sample it again"
+            )
+        images[i] = array
+    save_samples_npz(npz_path, images)
+    return images.shape
+
+
+#
+
+
+def sample_to_npz(cfg: SampleDDPConfig, info, log: Callable[[str], None] = print) -> Path | None:
+    """Sample the missing images of cfg's sample folder on this process's share, then (rank 0) write the .npz.
+
+    Args:
+        cfg: the settings.
+        info: disploss.distributed.DistInfo of this process (one process: rank 0 of 1).
+        log: receives the progress lines (rank 0 only).
+    Returns:
+        The .npz path on rank 0, None on the other ranks.
+    Raises:
+        UsageError: bad settings, a folder of other settings, or (rank 0) images missing after the run.
+    """
+    from tqdm import tqdm
+
+    from disploss import distributed as dist
+    from disploss.imageio import save_png, to_uint8
+    from disploss.runtime import set_precision
+    from disploss.sampling.config import sampler_fn
+    from disploss.sampling.guidance import cfg_batch, check_guidance, guided_model_fn
+    from disploss.sampling.load import describe, load_for_sampling
+
+    g = cfg.guidance
+    precision, tf32 = cfg.resolved_precision()
+    set_precision(precision)
+    torch.backends.cuda.matmul.allow_tf32 = tf32  # --tf32 / --no-tf32 win over the precision's default
+    torch.backends.cudnn.allow_tf32 = tf32
+    sm = load_for_sampling(cfg.spec, info.device, default_vae=DEFAULT_VAE)
+    check_guidance(sm.model, g.guide_channels)
+    model_fn, doubled = guided_model_fn(sm.model, g.cfg_scale, g.guide_channels, precision == "bf16")
+    config = sample_config(cfg, sm.settings, info.world_size, precision, tf32)
+    folder = Path(cfg.sample_dir) / folder_name(config)
+    npz_path = folder.with_name(folder.name + ".npz")
+
+    plan: dict = {}
+    if info.is_main:
+        log(describe(sm))
+        try:
+            plan = {"missing": prepare_folder(folder, npz_path, config)}
+        except (ConfigError, OSError) as err:
+            plan = {"error": err if isinstance(err, ConfigError) else ConfigError(str(err))}
+    plan = dist.broadcast_object(plan)
+    if "error" in plan:
+        raise plan["error"]
+    missing: list[int] = plan["missing"]
+    share = missing[info.rank :: info.world_size]
+    if info.is_main:
+        done = cfg.num_fid_samples - len(missing)
+        log(f"{folder}: {done} of {cfg.num_fid_samples} images present, sampling {len(missing)} on "
+            f"{info.world_size} process(es), {cfg.per_proc_batch_size} per batch")  # fmt: skip
+
+    model, latent_shape = sm.model, sm.settings["latent_shape"]
+    bar = tqdm(total=len(share), disable=not info.is_main, unit="img", desc=f"sampling (rank 0 of {info.world_size})")
+    for start in range(0, len(share), cfg.per_proc_batch_size):
+        indices = share[start : start + cfg.per_proc_batch_size]
+        generators = [image_generator(cfg.global_seed, i) for i in indices]
+        z, y = draw_inputs(generators, latent_shape, model.num_classes)  # (B, C, h, w), (B,)
+        z, y = z.to(info.device), y.to(info.device)
+        z, y = cfg_batch(z, y, model.num_classes, doubled)  # (2B, ...) when doubled
+        solve = sampler_fn(cfg.sampler, sm.transport, noise_fn=per_image_noise(generators))
+        with torch.no_grad():
+            latents = solve(z, model_fn, y=y)[-1][: len(indices)]  # (B, C, h, w)
+            images = sm.codec.decode(latents)  # (B, 3, H, W) in [-1, 1]
+        for index, pixels in zip(indices, to_uint8(images, g.pixel_conversion)):
+            save_png(pixels, folder / f"{index:06d}.png")
+        bar.update(len(indices))
+    bar.close()
+
+    dist.barrier()  # every rank has written its share
+    if not info.is_main:
+        return None
+    still_missing = missing_indices(folder, cfg.num_fid_samples)
+    if still_missing:
+        raise ConfigError(
+            f"{len(still_missing)} images are missing in {folder} (first: {still_missing[0]:06d}.png); rerun the "
+            "same command to sample them; no .npz was written"
+        )
+    shape = build_npz(folder, cfg.num_fid_samples, npz_path, sm.settings["image_size"])
+    log(f"Saved .npz file to {npz_path} [shape={shape}].")
+    return npz_path

@@ -1,0 +1,287 @@
+"""The benchmark (`disploss bench`): throughput of training, of the dispersive term and of sampling; MFU on CUDA.
+
+Sections (--sections, all by default):
+  train   a full training step, the very `train_step` that `disploss train` runs (forward, backward, gradient
+          norm, non-finite check, AdamW, EMA), on
+          synthetic latents, with and without the dispersive term, interleaved step by step so that both
+          see the same machine load; images/s, peak memory, the dispersive term's share of the step; with
+          --reference-path also the reference code's model and loss, side by side in the same process.
+  disp    the dispersive loss alone (forward + backward): ours against the reference's formula.
+  sample  sampling images/s and model evaluations (NFE) per image for each sampler, counted by a wrapper.
+
+FLOPs convention (stated once): models.forward_flops gives multiply-accumulates (MACs) of one forward pass
+of one image, the DiT "Gflops" number. One MAC = 2 FLOPs; a training step costs 3 forward passes (forward,
+and a backward of twice the forward), so training FLOPs per image = 3 x 2 x MACs, and sampling FLOPs per
+model evaluation = 2 x MACs per image. Activation recomputation (--grad-checkpointing), attention softmax,
+norms, the loss and the optimizer are not counted (model FLOPs, not hardware FLOPs). MFU = achieved model
+FLOP/s / peak; the default peak is the H100/H200 SXM dense datasheet value for the precision (bf16 989,
+TF32 494.7, FP32 66.9 TFLOP/s); bf16 runs are also reported against the ~790 TFLOP/s that an H100 reaches
+in practice (PAPER.md).
+
+Weights: the models are randomly initialised, and the layers that the reference zero-initialises (adaLN
+and the final layer, whose output is exactly 0 at init) are re-drawn from N(0, 0.02), so the field is not
+trivially zero; the NFE of the adaptive dopri5 solver therefore describes a random network, not a trained one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from disploss.runtime import autocast, set_precision
+from disploss.tools.bench.config import BenchConfig
+from disploss.tools.bench.harness import (
+    DATASHEET_PEAK_TFLOPS,
+    MFU,
+    loadavg,
+    log,
+    meta,
+    redraw_zero_init,
+    sync,
+    time_fn,
+    time_interleaved,
+)
+from disploss.tools.bench.reference import reference_training
+
+
+def bench(cfg: BenchConfig) -> dict:
+    """Run the chosen sections; returns the report (plain JSON types). Global torch settings (threads, TF32)
+    are restored afterwards."""
+    saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        return _bench(cfg)
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1:]
+
+
+def _bench(cfg: BenchConfig) -> dict:
+    from disploss.models import create_model, forward_flops
+
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads = cfg.threads or (1 if cfg.quick and device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    set_precision(cfg.precision)
+    torch.manual_seed(cfg.seed)
+    model = None
+    if {"train", "sample"} & set(cfg.section_list):
+        with device:  # built on the device: initialising SiT-XL/2 on the host takes many seconds
+            model = create_model(
+                cfg.model, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes
+            )
+        redraw_zero_init(model, cfg.seed)
+        model.grad_checkpointing = cfg.grad_checkpointing
+    macs = forward_flops(model.config()) if model is not None else None
+    peak = cfg.peak_tflops or DATASHEET_PEAK_TFLOPS[cfg.precision]
+    report = {
+        "meta": meta(cfg, device, model, macs, peak),
+        "config": dataclasses.asdict(cfg),
+    }
+    what = (f"{cfg.model} {cfg.input_size}x{cfg.input_size}x{cfg.in_channels}, {macs / 1e9:.2f} GMACs/image forward"
+            if model is not None else "no model")  # fmt: skip
+    log(f"{what}; {cfg.precision}{' + compile' if cfg.compile else ''} on {report['meta']['device_name']}")
+    mfu = MFU(device, cfg.precision, peak)
+    if "train" in cfg.section_list:
+        report["train"] = bench_train(cfg, model, device, macs, mfu)
+    if "disp" in cfg.section_list:
+        report["dispersive"] = bench_dispersive(cfg, device)
+    if "sample" in cfg.section_list:
+        report["sampling"] = bench_sampling(cfg, model, device, macs, mfu)
+    report["meta"]["load_average_end"] = loadavg()
+    return report
+
+
+# -- training ---------------------------------------------------------------------------------------------
+def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
+    """Full training steps (disploss.training.step.train_step, what `disploss train` runs), with and without the
+    dispersive term (and the reference's, with --reference-path)."""
+    from disploss.dispersive import dispersive_loss
+    from disploss.training import TrainConfig
+    from disploss.training.ema import EMA
+    from disploss.training.loop import flow_objective
+    from disploss.training.step import StepParts, train_step
+    from disploss.transport import create_transport
+
+    model.train()
+    B, C, S = cfg.batch, cfg.in_channels, cfg.input_size
+    x = torch.randn(B, C, S, S, device=device)
+    y = torch.randint(0, cfg.num_classes, (B,), device=device)
+    transport = create_transport()
+    opt = _adamw(model.parameters(), cfg.adamw)
+    ema = EMA(model)
+    net = torch.compile(model) if cfg.compile else model
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def ours(disp: bool) -> Callable[[], None]:
+        run_cfg = TrainConfig(disp=disp, disp_weight=cfg.disp_weight, disp_tau=cfg.disp_tau, precision=cfg.precision)
+        parts = StepParts(net=net, objective=flow_objective(transport, run_cfg), opt=opt, ema=ema, params=params,
+                          device=device, precision=cfg.precision)  # fmt: skip
+        return lambda: train_step(parts, x, y)
+
+    variants = {"ours_nodisp": ours(False), "ours_disp": ours(True)}
+    reference = {"status": "not requested (--reference-path)"}
+    if cfg.reference_path:
+        reference = reference_training(cfg, model, x, y, device, autocast(device, cfg.precision))
+        variants.update(reference.pop("steps", {}))
+
+    log(
+        f"train: batch {B}, {len(variants)} variants x ({cfg.warmup} warm-up + {cfg.steps} measured) steps, interleaved"
+    )
+    times, mems, warm_s = time_interleaved(variants, cfg.warmup, cfg.steps, device)
+    flops_per_step = 3 * 2 * macs * B
+    out: dict = {"batch": B, "train_flops_per_image": 6 * macs, "warmup_s": warm_s}
+    for name in variants:
+        med, best = statistics.median(times[name]), min(times[name])
+        out[name] = {
+            "step_ms": 1e3 * med, "step_ms_min": 1e3 * best, "step_ms_all": [1e3 * t for t in times[name]],
+            "images_per_sec": B / med, "images_per_sec_best": B / best, "peak_mem_gb": mems[name],
+            **mfu(flops_per_step / med),
+        }  # fmt: skip
+        log(f"  {name:<18} {1e3 * med:9.1f} ms/step (min {1e3 * best:.1f})  {B / med:9.1f} img/s  "
+             f"peak {mems[name]:.2f} GB")  # fmt: skip
+    # The dispersive term alone at this model's activation shape (B, T, D): a less noisy share than the difference.
+    z = torch.randn(B, model.x_embedder.num_patches, model.hidden_size, device=device, requires_grad=True)
+    t_disp = time_fn(lambda: dispersive_loss(z, tau=cfg.disp_tau).backward(), cfg.warmup, cfg.steps, device)
+    t_with, t_without = out["ours_disp"]["step_ms"], out["ours_nodisp"]["step_ms"]
+    out["disp_term_ms"] = 1e3 * t_disp
+    # Three estimates of the term's share: the difference of the step medians and of the step minima (both
+    # noisy on a loaded machine, where they can even come out negative), and the loss alone over the step.
+    out["disp_share_of_step"] = (t_with - t_without) / t_with
+    out["disp_share_of_step_min"] = 1 - out["ours_nodisp"]["step_ms_min"] / out["ours_disp"]["step_ms_min"]
+    out["disp_term_share_of_step"] = 1e3 * t_disp / t_with
+    log(f"  dispersive term share of the step: {100 * out['disp_share_of_step']:.1f}% (medians), "
+         f"{100 * out['disp_share_of_step_min']:.1f}% (minima), {100 * out['disp_term_share_of_step']:.1f}% "
+         f"(the loss alone, {1e3 * t_disp:.2f} ms fwd+bwd)")  # fmt: skip
+    if "reference_nodisp" in out:
+        for kind, key in (("", "step_ms"), ("_min", "step_ms_min")):
+            reference[f"speedup_nodisp{kind}"] = out["reference_nodisp"][key] / out["ours_nodisp"][key]
+            reference[f"speedup_disp{kind}"] = out["reference_disp"][key] / out["ours_disp"][key]
+        log(f"  reference / ours step time: {reference['speedup_nodisp']:.2f}x without disp, "
+             f"{reference['speedup_disp']:.2f}x with (minima: {reference['speedup_nodisp_min']:.2f}x, "
+             f"{reference['speedup_disp_min']:.2f}x)")  # fmt: skip
+    else:
+        log(f"  reference: {reference['status']}")
+    out["reference"] = reference
+    model.zero_grad(set_to_none=True)  # frees the gradients (and with the optimizer, its state) before sampling
+    return out
+
+
+# -- dispersive loss alone --------------------------------------------------------------------------------
+def bench_dispersive(cfg: BenchConfig, device) -> dict:
+    """Forward + backward of dispersive_loss vs the reference formula on z (B, M) float32 (as the residual
+    stream is, also under bf16 autocast)."""
+    from disploss.dispersive import dispersive_loss, reference_infonce_l2
+
+    B, M = cfg.disp_batch, cfg.disp_dim
+    gen = torch.Generator().manual_seed(cfg.seed)
+    z = torch.randn(B, M, generator=gen).to(device).requires_grad_(True)
+    fns = {
+        "ours": lambda: dispersive_loss(z, tau=1.0).backward(),
+        "reference": lambda: reference_infonce_l2(z).backward(),
+    }
+    log(f"disp: B={B}, M={M}, forward + backward, {cfg.warmup} warm-up + {cfg.steps} measured, interleaved")
+    times, mems, _ = time_interleaved(fns, cfg.warmup, cfg.steps, device)
+    with torch.no_grad():
+        ours_v, ref_v = dispersive_loss(z).item(), reference_infonce_l2(z).item()
+    out = {"B": B, "M": M, "dtype": "float32", "ours_value": ours_v, "reference_value": ref_v,
+           "abs_diff": abs(ours_v - ref_v)}  # fmt: skip
+    for name in fns:
+        out[f"{name}_ms"] = 1e3 * statistics.median(times[name])
+        out[f"{name}_ms_min"] = 1e3 * min(times[name])
+        out[f"{name}_ms_all"] = [1e3 * t for t in times[name]]
+        out[f"{name}_peak_mem_gb"] = mems[name]
+    out["speedup"] = out["reference_ms"] / out["ours_ms"]
+    log(f"  ours {out['ours_ms']:.2f} ms, reference formula {out['reference_ms']:.2f} ms: "
+         f"{out['speedup']:.2f}x; values {ours_v:.6f} vs {ref_v:.6f}")  # fmt: skip
+    return out
+
+
+# -- sampling ---------------------------------------------------------------------------------------------
+def bench_sampling(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
+    """Images/s and model evaluations per image of each sampler (no guidance), NFE counted by a wrapper."""
+    from disploss.transport import Sampler, create_transport
+
+    model.eval()
+    net = torch.compile(model) if cfg.compile else model
+    bf16 = cfg.precision == "bf16"
+    calls, batches_started = [0], [1]
+
+    def model_fn(x, t, y):
+        calls[0] += 1
+        if cfg.max_nfe and calls[0] > cfg.max_nfe * batches_started[0]:
+            raise _TooManyCalls
+        if not bf16:
+            return net(x, t, y)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return net(x, t, y).float()  # the solver integrates in float32 (as `disploss sample` does)
+
+    sampler = Sampler(create_transport())
+    fns = {
+        "dopri5": sampler.sample_ode(sampling_method="dopri5", num_steps=cfg.sample_steps, keep_trajectory=False),
+        "euler": sampler.sample_ode(sampling_method="euler", num_steps=cfg.sample_steps, keep_trajectory=False),
+        "heun2": sampler.sample_ode(sampling_method="heun2", num_steps=cfg.sample_steps, keep_trajectory=False),
+        "sde-euler": sampler.sample_sde(sampling_method="Euler", num_steps=cfg.sample_steps),
+    }
+    B, C, S = cfg.sample_batch, cfg.in_channels, cfg.input_size
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(B, C, S, S, generator=gen).to(device)
+    y = torch.randint(0, cfg.num_classes, (B,), generator=gen).to(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(max(cfg.warmup, 1)):  # compiles the eval graph with --compile
+            model_fn(x, torch.rand(B, device=device), y)
+    sync(device)
+    out: dict = {"batch": B, "batches": cfg.sample_batches, "num_steps": cfg.sample_steps, "cfg_scale": 1.0,
+                 "warmup_s": time.perf_counter() - t0}  # fmt: skip
+    log(f"sample: batch {B}, {cfg.sample_batches} batch(es) per sampler, {cfg.sample_steps} grid points")
+    for name in cfg.sampler_list:
+        try:
+            if name == "dopri5":
+                importlib.import_module("torchdiffeq")
+        except ImportError:
+            out[name] = {"status": "skipped: torchdiffeq is not installed"}
+            log(f"  {name:<10} skipped: torchdiffeq is not installed")
+            continue
+        calls[0] = 0
+        sync(device)
+        t0 = time.perf_counter()
+        try:
+            for b in range(cfg.sample_batches):
+                batches_started[0] = b + 1
+                fns[name](x, model_fn, y=y)
+        except _TooManyCalls:
+            out[name] = {"status": f"stopped: more than --max-nfe {cfg.max_nfe} model calls for one batch",
+                         "seconds": time.perf_counter() - t0}  # fmt: skip
+            log(f"  {name:<10} {out[name]['status']}")
+            continue
+        sync(device)
+        dt = time.perf_counter() - t0
+        nfe = calls[0] / cfg.sample_batches
+        images = B * cfg.sample_batches
+        out[name] = {
+            "images_per_sec": images / dt, "nfe_per_image": nfe, "ms_per_nfe": 1e3 * dt / calls[0],
+            "seconds": dt, **mfu(2 * macs * B * calls[0] / dt),
+        }  # fmt: skip
+        log(f"  {name:<10} {images / dt:9.2f} img/s  NFE/image {nfe:6.0f}  {1e3 * dt / calls[0]:8.1f} ms/NFE")
+    return out
+
+
+class _TooManyCalls(Exception):
+    """A sampler went past --max-nfe model calls."""
+
+
+def _adamw(params, impl: str) -> torch.optim.Optimizer:
+    from disploss.training.step import make_adamw
+
+    kwargs = {"lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 0.0}
+    if impl == "auto":  # what `disploss train` uses
+        return make_adamw(params, **kwargs)
+    if impl == "fused":
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    return torch.optim.AdamW(params, foreach=impl == "foreach", **kwargs)

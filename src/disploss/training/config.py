@@ -1,0 +1,121 @@
+"""TrainConfig: every setting of a training run (the flags of `disploss train` / `train.py`).
+
+The reference's flags keep their names and defaults. The resolved configuration is written to the run folder
+(config.json) and into every checkpoint ('args', as a plain dict).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from disploss.dispersive import VARIANTS
+from disploss.errors import ConfigError
+from disploss.options import at_least, check_options, option, positive
+from disploss.runtime import DEVICES, PRECISIONS
+from disploss.sampling.config import check_cfg_scale
+from disploss.transport import LOSS_WEIGHTS, PATH_TYPES, PREDICTIONS
+
+DIGITS = "builtin:digits"
+NONFINITE_POLICIES = ("error", "skip")
+BAD_IMAGE_POLICIES = ("skip", "error")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training flag; names and defaults of the reference's flags are kept."""
+
+    data_path: str | None = option(None, f"ImageFolder root (class sub-folders), or {DIGITS} for scikit-learn's digits")
+    results_dir: str = option("results", "parent folder of the experiment folders")
+    model: str = option("SiT-XL/2", "model preset, e.g. SiT-XL/2, SiT-B/2, SiT-S/2 (SiT-T/* are tiny demo models)")
+    image_size: int = option(256, "image side in pixels (the patch and the VAE factor must divide it)")
+    num_classes: int = option(1000, "number of classes", check=at_least(1))
+    epochs: int = option(1400, "epochs (--max-steps takes precedence)", check=at_least(1))
+    global_batch_size: int = option(
+        256, "batch over all processes (must be divisible by their number)", check=at_least(1)
+    )
+    global_seed: int = option(0, "seed; process r uses global_seed * world_size + r")
+    vae: str = option("ema", "ema | mse (stabilityai/sd-vae-ft-*), a local diffusers folder, or none (pixel space)")
+    num_workers: int = option(4, "data loader workers per process", check=at_least(0))
+    log_every: int = option(100, "steps between log lines", check=at_least(1))
+    ckpt_every: int = option(50_000, "steps between checkpoints", check=at_least(1))
+    sample_every: int = option(
+        10_000, "steps between sample grids written into the run folder (0: never)", check=at_least(0)
+    )
+    cfg_scale: float = option(4.0, "guidance scale of the in-training sample grids", check=check_cfg_scale)
+    wandb: bool = option(False, "log to Weights & Biases (reads WANDB_KEY, ENTITY, PROJECT)")
+    tensorboard: bool = option(False, "write tensorboard event files into the run folder")
+    ckpt: str | None = option(None, "resume from this checkpoint, or 'latest' (newest in --results-dir, else fresh)")
+    disp: bool = option(False, "add the dispersive loss")
+    disp_weight: float = option(0.25, "lambda, the weight of the dispersive term")
+    disp_tau: float = option(1.0, "temperature of the InfoNCE variants")
+    disp_variant: str = option("infonce_l2", "dispersive variant", choices=VARIANTS)
+    disp_block: int = option(-1, "block whose output is regularised, from 0 (negative: from the end)")
+    disp_gather: bool = option(False, "dispersive term over the global batch (all-gather) instead of the local one")
+    disp_margin: float = option(1.0, "epsilon of the hinge variant")
+    path_type: str = option("Linear", "interpolant path", choices=PATH_TYPES)
+    prediction: str = option("velocity", "model prediction", choices=PREDICTIONS)
+    loss_weight: str | None = option(None, "loss weight (score / noise)", choices=LOSS_WEIGHTS, none_literal=True)
+    sample_eps: float | None = option(None, "sampling eps (default: by path and prediction)")
+    train_eps: float | None = option(None, "training eps (default: by path and prediction)")
+    max_steps: int | None = option(None, "stop at this step (takes precedence over --epochs)", check=at_least(0))
+    latents: str | None = option(None, "train from a latent cache written by `disploss extract-latents`")
+    precision: str = option(
+        "tf32", "fp32, tf32 (the reference: fp32 with TF32 matmuls) or bf16 autocast", choices=PRECISIONS
+    )
+    compile: bool = option(False, "torch.compile the model")
+    grad_checkpointing: bool = option(False, "recompute block activations in backward (less memory)")
+    lr: float = option(1e-4, "AdamW learning rate (constant)", check=positive)
+    beta2: float = option(0.999, "AdamW beta2 (the paper's JAX runs used 0.95)")
+    weight_decay: float = option(0.0, "AdamW weight decay", check=at_least(0.0))
+    grad_clip: float = option(
+        0.0, "clip the gradient norm to this value (0: no clipping, the reference)", check=at_least(0.0)
+    )
+    ema_decay: float = option(0.9999, "EMA decay per step")
+    on_nonfinite: str = option(
+        "error", "a non-finite loss or gradient: stop with an error, or skip the step", choices=NONFINITE_POLICIES
+    )
+    on_bad_image: str = option(
+        "skip", "an unreadable image: skip it with a warning, or stop", choices=BAD_IMAGE_POLICIES
+    )
+    device: str | None = option(None, "cuda or cpu (default: cuda when available)", choices=(None, *DEVICES))
+    sample_steps: int = option(50, "Heun ODE steps of the in-training sample grids")
+
+    def __post_init__(self):
+        check_options(self)
+
+    def as_dict(self) -> dict:
+        """The configuration as a plain dict (config.json, the 'args' of every checkpoint)."""
+        return dataclasses.asdict(self)
+
+
+def validate(cfg: TrainConfig, world_size: int) -> None:
+    """Check what TrainConfig cannot check alone (the model's depth and patch, the number of processes).
+
+    Raises:
+        ConfigError: naming the flag and the valid values.
+    """
+    from disploss.models import MODEL_PRESETS, parse_model_name
+
+    if cfg.model not in MODEL_PRESETS:
+        raise ConfigError(f"--model {cfg.model!r} is not a known model; valid choices: {', '.join(MODEL_PRESETS)}")
+    depth, _, _, patch = parse_model_name(cfg.model)
+    if cfg.disp and not -depth <= cfg.disp_block < depth:
+        raise ConfigError(
+            f"--disp-block {cfg.disp_block} is out of range: {cfg.model} has {depth} blocks "
+            f"(valid: 0..{depth - 1}, or -{depth}..-1 from the end)"
+        )
+    if cfg.data_path is None and cfg.latents is None:
+        raise ConfigError("--data-path is required (or --latents DIR to train from cached latents)")
+    if cfg.global_batch_size % world_size:
+        raise ConfigError(
+            f"--global-batch-size {cfg.global_batch_size} is not divisible by the number of processes {world_size}"
+        )
+    if cfg.vae == "none" and cfg.latents is None and cfg.image_size % patch:
+        near = " or ".join(str(k * patch) for k in (cfg.image_size // patch, cfg.image_size // patch + 1) if k > 0)
+        raise ConfigError(
+            f"--image-size {cfg.image_size} is not divisible by the patch size {patch} of --model {cfg.model}; "
+            f"valid sizes nearby: {near}"
+        )
+    if cfg.disp and not (cfg.disp_weight > 0 and cfg.disp_tau > 0):
+        raise ConfigError("--disp-weight and --disp-tau must be positive")

@@ -1,0 +1,125 @@
+"""The training data: the dataset and codec of a TrainConfig, and a loader whose order and per-sample randomness
+are a function of (seed, epoch, index) only, so a resumed run continues exactly where the checkpoint left off."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from disploss.errors import ConfigError
+from disploss.training.config import DIGITS, TrainConfig
+
+
+@dataclass
+class TrainData:
+    """The dataset, the codec that encodes its items (None when the dataset yields latents) and the model's input
+    geometry (channels, side)."""
+
+    dataset: torch.utils.data.Dataset
+    codec: object | None
+    in_channels: int
+    input_size: int
+
+
+def build_data(cfg: TrainConfig, device: torch.device) -> TrainData:
+    """Dataset, latent codec and the model's input geometry of a training run.
+
+    The data is checked first: a mistyped --data-path is reported at once, not after a VAE download attempt.
+    """
+    from disploss.data import DigitsDataset, ImageFolderDataset, LatentsDataset
+    from disploss.data.vae import load_vae
+
+    if cfg.latents is not None:
+        dataset = LatentsDataset(cfg.latents)
+        if dataset.num_classes > cfg.num_classes:
+            raise ConfigError(
+                f"the latent cache {cfg.latents} has {dataset.num_classes} classes but --num-classes is {cfg.num_classes}"
+            )
+        if dataset.image_size != cfg.image_size:
+            raise ConfigError(
+                f"the latent cache {cfg.latents} was made at --image-size {dataset.image_size}, not {cfg.image_size}"
+            )
+        c, h, _ = dataset.latent_shape
+        return TrainData(dataset, None, c, h)
+    if cfg.data_path == DIGITS:
+        if cfg.num_classes < 10:
+            raise ConfigError(f"the digits have 10 classes but --num-classes is {cfg.num_classes}")
+        dataset = DigitsDataset(image_size=cfg.image_size, channels=3)
+    else:
+        dataset = ImageFolderDataset(
+            cfg.data_path, cfg.image_size, num_classes=cfg.num_classes, on_bad_image=cfg.on_bad_image
+        )
+    codec = load_vae(cfg.vae, device)
+    return TrainData(dataset, codec, codec.latent_channels, codec.latent_size(cfg.image_size))
+
+
+class EpochSeeded(torch.utils.data.Dataset):
+    """Per-sample randomness (flips, posterior draws) as a function of (seed, epoch, index) only.
+
+    Items are requested as (epoch, index); the wrapped dataset runs under a forked CPU RNG seeded from
+    those, so a resumed run, any number of loader workers and the main process's own stream all stay exact.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            return self.dataset[index]
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """The reference's DistributedSampler order (shuffle, seed, set_epoch), started at any batch.
+
+    Yields (epoch, index) keys for EpochSeeded.
+    """
+
+    def __init__(self, n: int, world_size: int, rank: int, seed: int):
+        self.inner = torch.utils.data.DistributedSampler(
+            range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+        )
+        self.epoch = 0
+        self.start = 0
+
+    def set_position(self, epoch: int, start_index: int) -> None:
+        self.epoch, self.start = epoch, start_index
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.start
+
+    def __iter__(self):
+        self.inner.set_epoch(self.epoch)
+        for index in list(self.inner)[self.start :]:
+            yield (self.epoch, index)
+
+
+def make_loader(
+    dataset, local_batch: int, world_size: int, rank: int, seed: int, num_workers: int, device: torch.device
+) -> tuple[torch.utils.data.DataLoader, ResumableSampler]:
+    """The training loader and its sampler (call `sampler.set_position(epoch, start)` before each pass)."""
+    sampler = ResumableSampler(len(dataset), world_size, rank, seed)
+    loader = torch.utils.data.DataLoader(
+        EpochSeeded(dataset, seed), batch_size=local_batch, sampler=sampler, num_workers=num_workers,
+        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+        generator=torch.Generator(),  # the loader's own seed draw must not consume the training RNG stream
+    )  # fmt: skip
+    return loader, sampler
+
+
+def steps_per_epoch(num_items: int, world_size: int, local_batch: int) -> int:
+    """Full local batches per epoch (DistributedSampler pads to a multiple of the world size); a one-line error
+    when the dataset holds less than one local batch per process."""
+    steps = -(-num_items // world_size) // local_batch
+    if steps == 0:
+        raise ConfigError(
+            f"the dataset has {num_items} items: fewer than one local batch of {local_batch} per process "
+            "(lower --global-batch-size)"
+        )
+    return steps

@@ -1,0 +1,138 @@
+"""One optimisation step, shared by `train()` and the benchmark (`disploss bench`), so what is timed is what is
+trained: forward under the precision's autocast, the objective, backward, the gradient norm (and clipping), the
+non-finite check, AdamW, EMA."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from disploss import distributed as dist
+from disploss.runtime import autocast
+
+# (net, x, y) -> {"loss": (B,) total per sample, "flow": (B,), "disp": () dispersive value}
+Objective = Callable[[Callable, torch.Tensor, torch.Tensor], dict]
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient; the message names the step and the term."""
+
+
+@dataclass
+class StepParts:
+    """What one step needs, built once before the loop.
+
+    Attributes:
+        net: the model as called (possibly DDP- and compile-wrapped).
+        objective: (net, x, y) -> terms, see `Objective`.
+        opt: the optimizer over `params`.
+        ema: disploss.training.ema.EMA of the unwrapped model.
+        params: the trainable parameters (gradient norm and clipping).
+        device, precision: where, and 'fp32' | 'tf32' | 'bf16'.
+        grad_clip: clip the gradient norm to this value; 0 = no clipping (the norm is still computed: it is the
+            non-finite check's input and a logged metric).
+        ema_decay: EMA decay per step.
+        skip_nonfinite: skip the update of a step whose loss or gradient is not finite, on every process
+            (costs one host sync per step); False records it on the device for `NonFiniteWatch` to raise.
+    """
+
+    net: Callable
+    objective: Objective
+    opt: torch.optim.Optimizer
+    ema: object
+    params: list
+    device: torch.device
+    precision: str = "tf32"
+    grad_clip: float = 0.0
+    ema_decay: float = 0.9999
+    skip_nonfinite: bool = False
+
+
+@dataclass
+class StepOutput:
+    """Detached results of one step: loss, flow and disp (0-d, means over the local batch), grad_norm, whether
+    everything was finite (a 0-d bool tensor, on the device) and whether the weights were updated (always True
+    unless skip_nonfinite skipped the step)."""
+
+    loss: torch.Tensor
+    flow: torch.Tensor
+    disp: torch.Tensor
+    grad_norm: torch.Tensor
+    finite: torch.Tensor
+    updated: bool
+
+
+def train_step(parts: StepParts, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+    """Forward, backward, AdamW and EMA on one batch x (B, C, H, W), y (B,)."""
+    with autocast(parts.device, parts.precision):
+        terms = parts.objective(parts.net, x, y)
+    loss = terms["loss"].mean()
+    parts.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts.params, parts.grad_clip if parts.grad_clip > 0 else math.inf)
+    flow, disp = terms["flow"].detach().mean(), terms["disp"].detach().float()
+    finite = torch.isfinite(grad_norm) & torch.isfinite(flow) & torch.isfinite(disp)
+    updated = True
+    if parts.skip_nonfinite:  # needs the answer now: one host sync per step
+        # Every process must agree (a local loss can be non-finite while the averaged gradient is not).
+        updated = float(dist.all_reduce_sum((~finite).float())) == 0
+        if not updated:
+            parts.opt.zero_grad(set_to_none=True)
+    if updated:
+        parts.opt.step()
+        parts.ema.update(parts.ema_decay)
+    return StepOutput(loss.detach(), flow, disp, grad_norm.detach(), finite, updated)
+
+
+def nonfinite_term(out: StepOutput) -> str:
+    """Which term of a non-finite step was not finite (for the message)."""
+    return _term(not torch.isfinite(out.flow), not torch.isfinite(out.disp))
+
+
+def _term(flow_bad, disp_bad) -> str:
+    return "flow loss" if flow_bad else "dispersive loss" if disp_bad else "gradient"
+
+
+class NonFiniteWatch:
+    """The first non-finite step of a run, recorded on the device without a host sync per step.
+
+    `record` runs every step; `check` (at log and checkpoint steps, before anything is written) raises
+    NonFiniteError naming the step and the term.
+    """
+
+    def __init__(self, device: torch.device):
+        self.bad = torch.full((3,), -1.0, device=device)  # first non-finite step, its term flags (flow, disp)
+
+    def record(self, step: int, out: StepOutput) -> None:
+        new_bad = (~out.finite) & (self.bad[0] < 0)
+        flags = torch.stack(
+            [
+                torch.tensor(float(step), device=self.bad.device),
+                (~torch.isfinite(out.flow)).float(),
+                (~torch.isfinite(out.disp)).float(),
+            ]
+        )
+        self.bad = torch.where(new_bad, flags, self.bad)
+
+    def check(self) -> None:
+        first, flow_bad, disp_bad = self.bad.tolist()
+        if first >= 0:
+            raise NonFiniteError(
+                f"non-finite {_term(flow_bad, disp_bad)} at step {int(first)}; the last checkpoint written before "
+                "it is intact. Lower --lr, set --grad-clip, or pass --on-nonfinite skip to skip such steps"
+            )
+
+
+def make_adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (CUDA, and CPU since torch 2.4), else the default foreach one.
+
+    Fused and foreach compute the same update (tests/test_fast_paths.py); fused is one kernel per step.
+    """
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # this torch has no fused kernel for the device
+        return torch.optim.AdamW(params, **kwargs)
