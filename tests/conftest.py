@@ -79,7 +79,7 @@ class GaussianTarget:
     Everything is closed form (x_t | t is Gaussian with mean alpha m and variance V = alpha^2 s^2 + sigma^2):
     score = -(x - alpha m) / V, E[x0 | x_t] = sigma (x - alpha m) / V, E[x1 | x_t] = m + alpha s^2 (x - alpha m) / V,
     velocity = alpha' E[x1 | x_t] + sigma' E[x0 | x_t]; the ODE flow maps x_a to alpha_b m + sqrt(V_b / V_a)
-    (x_a - alpha_a m). alpha and sigma^2 are written here from REFERENCE.md, their derivatives come from
+    (x_a - alpha_a m). alpha and sigma^2 are written here from docs/reference.md, their derivatives come from
     autograd, so nothing depends on disploss.transport.paths. The velocity and score use sigma^2 and
     sigma sigma' = (sigma^2)' / 2 only, so they stay finite a little past t = 1 where VP's sigma is NaN
     (adaptive solvers evaluate there). mean and std broadcast against x[0].

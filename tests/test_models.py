@@ -125,7 +125,7 @@ def test_official_file_has_both_models():
 
 
 # -- registry and FLOPs -----------------------------------------------------------------------------------
-ARCH_TABLE = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # REFERENCE.md
+ARCH_TABLE = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # docs/reference.md
 
 
 def test_registry_has_the_12_configs():
@@ -146,7 +146,7 @@ def test_create_model_builds_the_named_architecture(name):
     assert model.x_embedder.proj.kernel_size == (patch, patch)
 
 
-PAPER_GMACS = {  # PAPER.md: DiT/SiT "Gflops" (multiply-accumulates per forward, 256 px = 32x32 latents)
+PAPER_GMACS = {  # docs/paper.md: DiT/SiT "Gflops" (multiply-accumulates per forward, 256 px = 32x32 latents)
     "SiT-S/2": 6.06, "SiT-B/2": 23.0, "SiT-L/2": 80.7, "SiT-XL/2": 118.6,
     "SiT-S/4": 1.41, "SiT-B/4": 5.57, "SiT-XL/4": 29.0,
 }  # fmt: skip

@@ -44,7 +44,7 @@ def test_coefficients_match_the_written_formulas(gaussian, path_type):
 @pytest.mark.parametrize("path_type", PATH_TYPES)
 def test_boundary_values(path_type):
     # t = 1 is data for every path; t = 0 is pure noise for Linear and GVP. VP only reaches
-    # alpha_0 = exp(-(sigma_max - sigma_min)/4 - sigma_min/2) at t = 0 (REFERENCE.md).
+    # alpha_0 = exp(-(sigma_max - sigma_min)/4 - sigma_min/2) at t = 0 (docs/reference.md).
     # float64: in float32 cos(pi/2) is -4e-8, not 0.
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)

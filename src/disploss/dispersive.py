@@ -94,7 +94,7 @@ def dispersive_loss(
 ) -> torch.Tensor:
     """The dispersive loss of a batch of representations.
 
-    Variants (PAPER.md; all B*B ordered pairs, the diagonal included, as the reference does):
+    Variants (docs/paper.md; all B*B ordered pairs, the diagonal included, as the reference does):
       - infonce_l2:     log mean_ij exp(-||z_i - z_j||^2 / (M tau))         in [-log B, 0]
       - infonce_cosine: log mean_ij exp(-(1 - cos(z_i, z_j)) / tau)
       - hinge:          mean_ij max(0, margin - ||z_i - z_j||^2 / M)^2

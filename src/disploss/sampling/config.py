@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from disploss.errors import ConfigError
 from disploss.imageio import PIXEL_CONVERSIONS
 from disploss.options import at_least, check_options, option, positive
-from disploss.runtime import DEVICES, PRECISIONS
+from disploss.runtime import DEVICES
 from disploss.transport import DIFFUSION_FORMS, LOSS_WEIGHTS, PATH_TYPES, PREDICTIONS, SDE_METHODS
+from disploss.transport import LAST_STEPS as TRANSPORT_LAST_STEPS
 from disploss.transport.sampler import TORCHDIFFEQ_METHODS as ODE_METHODS
 
 MODES = ("ODE", "SDE")
-LAST_STEPS = ("None", "Mean", "Tweedie", "Euler")  # 'None' as the reference spells it on the command line
+# The transport's last steps, None spelled 'None' as the reference's command line does.
+LAST_STEPS = tuple("None" if step is None else step for step in TRANSPORT_LAST_STEPS)
 REFERENCE_GUIDE_CHANNELS = 3
 
 __all__ = [
@@ -178,9 +180,3 @@ class GuidanceConfig:
         check_options(self)
         if self.guide_channels is not None and self.guide_channels < 1:
             raise ConfigError(f"--guide-channels must be a positive integer or all, got {self.guide_channels}")
-
-
-def check_precision(precision: str | None) -> None:
-    """A ConfigError unless precision is None or one of PRECISIONS."""
-    if precision is not None and precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision!r}; valid choices: {', '.join(PRECISIONS)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from disploss.data.images import BAD_IMAGE_POLICIES
 from disploss.dispersive import VARIANTS
 from disploss.errors import ConfigError
 from disploss.options import at_least, check_options, option, positive
@@ -18,7 +19,6 @@ from disploss.transport import LOSS_WEIGHTS, PATH_TYPES, PREDICTIONS
 
 DIGITS = "builtin:digits"
 NONFINITE_POLICIES = ("error", "skip")
-BAD_IMAGE_POLICIES = ("skip", "error")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ model evaluation = 2 x MACs per image. Activation recomputation (--grad-checkpoi
 norms, the loss and the optimizer are not counted (model FLOPs, not hardware FLOPs). MFU = achieved model
 FLOP/s / peak; the default peak is the H100/H200 SXM dense datasheet value for the precision (bf16 989,
 TF32 494.7, FP32 66.9 TFLOP/s); bf16 runs are also reported against the ~790 TFLOP/s that an H100 reaches
-in practice (PAPER.md).
+in practice (docs/paper.md).
 
 Weights: the models are randomly initialised, and the layers that the reference zero-initialises (adaLN
 and the final layer, whose output is exactly 0 at init) are re-drawn from N(0, 0.02), so the field is not

@@ -112,8 +112,11 @@ def _run_digits(cfg: DigitsConfig, log=print) -> dict:
             "arms": [dataclasses.asdict(a) for a in arms],
         },
         "classifier": {
-            k: cls_info[k]
-            for k in ("holdout_accuracy", "train_accuracy", "num_train", "num_holdout", "path", "key", "config")
+            **{
+                k: cls_info[k]
+                for k in ("holdout_accuracy", "train_accuracy", "num_train", "num_holdout", "key", "config")
+            },
+            "file": Path(cls_info["path"]).name,  # in the cache folder (--cache-dir); no machine's absolute path
         },
         "reference": {
             "split": cfg.reference,
@@ -142,7 +145,7 @@ def _run_digits(cfg: DigitsConfig, log=print) -> dict:
             run_dir, train_wall, train_cpu = _train_run(tc)
             run = {
                 "seed": seed,
-                "run_dir": str(run_dir),
+                "run_dir": os.path.relpath(run_dir, cfg.out),  # relative: no machine's absolute path
                 "train_wall_s": train_wall,
                 "train_cpu_s": train_cpu,
                 "sample_wall_s": 0.0,
