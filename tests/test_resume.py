@@ -60,10 +60,10 @@ GATHER_CHECK = textwrap.dedent(
     import json, os, sys
     import torch
     import torch.distributed as dist
-    import disploss.transport.transport as transport_module
+    import disploss.regularizer as regularizer_module
     from disploss.commands.main import run_command
 
-    original = transport_module.dispersive_loss
+    original = regularizer_module.dispersive_loss
     records = []
 
     def checked(z, variant="infonce_l2", tau=1.0, margin=1.0, gather=False):
@@ -77,7 +77,7 @@ GATHER_CHECK = textwrap.dedent(
         })
         return value
 
-    transport_module.dispersive_loss = checked
+    regularizer_module.dispersive_loss = checked
     status = run_command("train", sys.argv[1:])
     with open(os.path.join(os.environ["RECORDS"], "rank" + os.environ["RANK"] + ".json"), "w") as f:
         json.dump(records, f)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-import disploss.transport.transport as transport_module
+import disploss.regularizer as regularizer_module
 from disploss.commands.main import main as cli_main
-from disploss.models import SiT
+from disploss.models import SiTBlock
 from disploss.sampling.grid import grid_labels
 from trainkit import SHIM, load, make_image_folder, only_run, run_python, save_tiny_vae, tiny_flags, train_cli
 
@@ -166,25 +166,24 @@ def test_wandb_variables_not_read_without_wandb(run):
     ],
 )
 def test_disp_flags_are_wired(images, tmp_path, monkeypatch, flags, block, variant, kwargs, weight):
-    calls, acts_seen = [], []
-    real_loss, real_forward = transport_module.dispersive_loss, SiT.forward
+    calls, block_outputs = [], []
+    real_loss, real_block = regularizer_module.dispersive_loss, SiTBlock.forward
 
     def recording_loss(z, variant="infonce_l2", tau=1.0, margin=1.0, gather=False):
         value = real_loss(z, variant, tau=tau, margin=margin, gather=gather)
         calls.append(dict(z=z, variant=variant, tau=tau, margin=margin, gather=gather, value=value.item()))
         return value
 
-    def recording_forward(self, *args, **kw):
-        out = real_forward(self, *args, **kw)
-        if kw.get("return_act"):
-            acts_seen.append(out[1])
+    def recording_block(self, x, c):
+        out = real_block(self, x, c)
+        block_outputs.append(out)
         return out
 
-    monkeypatch.setattr(transport_module, "dispersive_loss", recording_loss)
-    monkeypatch.setattr(SiT, "forward", recording_forward)
+    monkeypatch.setattr(regularizer_module, "dispersive_loss", recording_loss)
+    monkeypatch.setattr(SiTBlock, "forward", recording_block)
     assert train_cli(tiny_flags(images, tmp_path, steps=1, disp=True, **flags)) == 0
     (call,) = calls
-    assert [i for i, a in enumerate(acts_seen[0]) if a is call["z"]] == [block]
+    assert [i for i, a in enumerate(block_outputs[:6]) if a is call["z"]] == [block]  # the step's 6 blocks
     assert call["variant"] == variant and call["gather"] is False
     assert all(call[k] == v for k, v in kwargs.items())
     (m,) = metrics_of(only_run(tmp_path))
@@ -193,7 +192,7 @@ def test_disp_flags_are_wired(images, tmp_path, monkeypatch, flags, block, varia
 
 
 def test_without_disp_the_loss_is_not_computed(images, tmp_path, monkeypatch):
-    monkeypatch.setattr(transport_module, "dispersive_loss", lambda *a, **k: pytest.fail("dispersive loss called"))
+    monkeypatch.setattr(regularizer_module, "dispersive_loss", lambda *a, **k: pytest.fail("dispersive loss called"))
     assert train_cli(tiny_flags(images, tmp_path, steps=1)) == 0
     (m,) = metrics_of(only_run(tmp_path))
     assert m["disp"] == 0.0 and m["loss"] == pytest.approx(m["flow"])
@@ -265,3 +264,32 @@ def test_vae_folder_encodes_during_training(vae, images16, tmp_path):
     )
     assert train_cli(flags) == 0
     _vae_run_checks(only_run(tmp_path))
+
+
+# -- several blocks, per-block values and diagnostics ------------------------------------------------------------
+@pytest.mark.parametrize("spec, blocks", [("0,-1,2", [0, 2, 5]), ("all", [0, 1, 2, 3, 4, 5])])
+def test_multi_block_disp_logs_each_block_and_diagnostics(images, tmp_path, spec, blocks):
+    assert train_cli(tiny_flags(images, tmp_path, steps=2, disp=True, disp_block=spec, disp_tau=0.5)) == 0
+    rows = metrics_of(only_run(tmp_path))
+    assert len(rows) == 2
+    for m in rows:
+        per_block = [m[f"disp/blocks.{i}"] for i in blocks]
+        assert not any(k.startswith("disp/blocks.") and int(k.split(".")[-1]) not in blocks for k in m)
+        assert m["disp"] == pytest.approx(sum(per_block) / len(per_block), rel=1e-5, abs=1e-6)
+        assert m["loss"] == pytest.approx(m["flow"] + 0.25 * m["disp"], rel=1e-5, abs=1e-6)
+        for i in blocks:
+            for stat in ("rms", "median_d", "unsaturated", "offdiag_weight", "effective_rank"):
+                assert math.isfinite(m[f"diag/blocks.{i}/{stat}"])
+            assert 0 <= m[f"diag/blocks.{i}/offdiag_weight"] < 1 and 1 <= m[f"diag/blocks.{i}/effective_rank"] <= 8
+    log = (only_run(tmp_path) / "log.txt").read_text()
+    assert "disp: " in log and "diag/" not in log and "disp/blocks" not in log  # the console line stays short
+
+
+def test_disp_block_syntax_errors(images, tmp_path, capsys):
+    from trainkit import error_line
+
+    assert train_cli(tiny_flags(images, tmp_path / "a", steps=1, disp=True, disp_block="1,x")) == 2
+    assert "--disp-block '1,x' is not a block index, a comma list of them (0,6,27) or all" in error_line(capsys)
+    assert train_cli(tiny_flags(images, tmp_path / "b", steps=1, disp=True, disp_block="0,6")) == 2
+    assert "--disp-block 6 is out of range: SiT-T/2 has 6 blocks" in error_line(capsys)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

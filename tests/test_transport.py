@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from disploss.dispersive import dispersive_loss
+from disploss.regularizer import DispersiveRegularizer
 from disploss.transport import DIFFUSION_FORMS, LOSS_WEIGHTS, PATH_TYPES, PREDICTIONS, Transport, create_transport
 from disploss.transport.paths import make_path
 
@@ -212,7 +213,8 @@ def test_training_loss_with_reference_settings(tiny_sit_factory):
     model = tiny_sit_factory(class_dropout_prob=0.0).train()
     x1, noise, t, y = _fixed_inputs()
     tr = create_transport("Linear")
-    out = tr.training_losses(model, x1, {"y": y}, disp_weight=0.25, disp_tau=1.0, t=t, noise=noise)
+    reg = DispersiveRegularizer(model, layers="blocks.1", weight=0.25, tau=1.0)  # the last of 2 blocks
+    out = tr.training_losses(model, x1, {"y": y}, regularizer=reg, t=t, noise=noise)
     te = t[:, None, None, None]
     xt, ut = te * x1 + (1 - te) * noise, x1 - noise
     pred, acts = model(xt, t, y, return_act=True)
@@ -233,21 +235,13 @@ def test_training_loss_with_reference_settings(tiny_sit_factory):
 @pytest.mark.parametrize("block", [0, 1, -1])
 @pytest.mark.parametrize("variant", ["infonce_cosine", "hinge", "covariance"])
 def test_training_loss_disp_options(tiny_sit_factory, block, variant):
-    model = tiny_sit_factory(depth=2)
+    model = tiny_sit_factory(depth=2, class_dropout_prob=0.0).train()  # the hooks capture in training mode
     x1, noise, t, y = _fixed_inputs(seed=1)
     tr = create_transport("Linear")
-    out = tr.training_losses(
-        model,
-        x1,
-        {"y": y},
-        disp_weight=0.5,
-        disp_tau=0.5,
-        disp_variant=variant,
-        disp_block=block,
-        disp_margin=2.0,
-        t=t,
-        noise=noise,
+    reg = DispersiveRegularizer(
+        model, layers=f"blocks.{block % len(model.blocks)}", weight=0.5, tau=0.5, variant=variant, margin=2.0
     )
+    out = tr.training_losses(model, x1, {"y": y}, regularizer=reg, t=t, noise=noise)
     with torch.no_grad():
         te = t[:, None, None, None]
         _, acts = model(te * x1 + (1 - te) * noise, t, y, return_act=True)
@@ -258,9 +252,8 @@ def test_training_loss_disp_options(tiny_sit_factory, block, variant):
 
 def test_disp_block_out_of_range(tiny_sit_factory):
     model = tiny_sit_factory(depth=2)
-    x1, noise, t, y = _fixed_inputs()
-    with pytest.raises(ValueError, match="disp_block 2 is out of range"):
-        create_transport().training_losses(model, x1, {"y": y}, disp_weight=0.1, disp_block=2, t=t, noise=noise)
+    with pytest.raises(ValueError, match="'blocks.2' matches no module of SiT; nearest names: blocks.1, blocks.0"):
+        DispersiveRegularizer(model, layers="blocks.2", weight=0.1)
 
 
 def test_no_dispersive_term_calls_the_model_without_return_act():
@@ -271,7 +264,7 @@ def test_no_dispersive_term_calls_the_model_without_return_act():
         return x * 0.5
 
     x1, noise, t, _ = _fixed_inputs()
-    out = create_transport().training_losses(model, x1, {"y": 3}, disp_weight=0.0, t=t, noise=noise)
+    out = create_transport().training_losses(model, x1, {"y": 3}, t=t, noise=noise)
     assert calls == [{"y": 3}]
     assert out["disp"].item() == 0.0
     torch.testing.assert_close(out["loss"], out["flow"])
@@ -295,11 +288,12 @@ def test_velocity_flow_term_is_the_mse():
 @pytest.mark.parametrize("prediction", ["score", "noise"])
 @pytest.mark.parametrize("loss_weight", LOSS_WEIGHTS)
 def test_score_and_noise_losses_are_finite(tiny_sit_factory, path_type, prediction, loss_weight):
-    model = tiny_sit_factory()
+    model = tiny_sit_factory().train()
     x1, _, _, y = _fixed_inputs()
     tr = create_transport(path_type, prediction, loss_weight)
     torch.manual_seed(0)
-    out = tr.training_losses(model, x1, {"y": y}, disp_weight=0.25)
+    reg = DispersiveRegularizer(model, layers="blocks.1", weight=0.25)
+    out = tr.training_losses(model, x1, {"y": y}, regularizer=reg)
     assert out["loss"].shape == (4,) and torch.isfinite(out["loss"]).all() and torch.isfinite(out["disp"])
     out["loss"].mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -366,12 +360,9 @@ def test_unknown_diffusion_form_lists_the_choices():
     assert all(f in str(info.value) for f in DIFFUSION_FORMS)
 
 
-def test_unknown_dispersive_variant_in_training_losses():
-    x1, noise, t, _ = _fixed_inputs()
+def test_unknown_dispersive_variant_in_the_regularizer(tiny_sit_factory):
     with pytest.raises(ValueError, match="infonce_l2, infonce_cosine, hinge, covariance"):
-        create_transport().training_losses(
-            lambda x, t, **k: (x, [x]), x1, disp_weight=0.1, disp_variant="l2", t=t, noise=noise
-        )
+        DispersiveRegularizer(tiny_sit_factory(), layers="blocks.0", variant="l2")
 
 
 def test_model_output_of_the_wrong_shape():

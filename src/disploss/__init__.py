@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "dispersive_loss": "disploss.dispersive",
+    "dispersion_stats": "disploss.dispersive",
+    "DispersiveRegularizer": "disploss.regularizer",
     "TrainConfig": "disploss.training",
     "train": "disploss.training",
     "UsageError": "disploss.errors",

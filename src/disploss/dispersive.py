@@ -148,6 +148,44 @@ def _covariance_off_diagonal(z: torch.Tensor) -> torch.Tensor:
     return frob - diag
 
 
+@torch.no_grad()
+def dispersion_stats(z: torch.Tensor, tau: float = 1.0) -> dict[str, torch.Tensor]:
+    """What the dispersive term sees in a batch: cheap diagnostics (one B x B Gram matrix), 0-d float32 tensors.
+
+    - rms: sqrt(mean z^2), the scale of the representations (InfoNCE-L2 can lower its value by growing it).
+    - median_d: median over pairs i < j of d_ij = ||z_i - z_j||^2 / M (the distance InfoNCE-L2 divides by tau).
+    - unsaturated: share of pairs i != j with exp(-d_ij / tau) >= 0.01 (d_ij <= 4.6 tau): pairs the InfoNCE terms
+      still pull apart. At 0 the term sits at its floor -log B and its gradient vanishes.
+    - offdiag_weight: share of sum_ij exp(-d_ij / tau) carried by the pairs i != j; 0 at the floor, (B - 1) / B
+      when all representations coincide.
+    - effective_rank: exp(entropy of the normalised singular values of the centred batch) (Roy and Vetterli,
+      2007), between 1 and B - 1: how many directions the batch spans.
+
+    Args:
+        z: (B, ...) with B >= 2.
+        tau: the InfoNCE temperature the stats refer to.
+    """
+    z = z.reshape(z.shape[0], -1).to(_compute_dtype(z))  # (B, M)
+    B = z.shape[0]
+    d = pairwise_sq_dists(z)  # (B, B)
+    off = ~torch.eye(B, dtype=torch.bool, device=z.device)
+    pairs = d[torch.triu(off, diagonal=1)]
+    weights = torch.exp(-d / tau)
+    zc = z - z.mean(dim=0, keepdim=True)
+    eig = torch.linalg.eigvalsh(_gram(zc)).clamp_min(0)  # (B,) singular values squared
+    s = eig.sqrt()
+    p = s / s.sum().clamp_min(torch.finfo(s.dtype).tiny)
+    entropy = -(p * torch.log(p.clamp_min(torch.finfo(s.dtype).tiny))).sum()
+    stats = {
+        "rms": z.pow(2).mean().sqrt(),
+        "median_d": pairs.median() if len(pairs) else torch.zeros((), dtype=z.dtype, device=z.device),
+        "unsaturated": (weights[off] >= 0.01).to(z.dtype).mean() if B > 1 else torch.zeros((), device=z.device),
+        "offdiag_weight": weights[off].sum() / weights.sum(),
+        "effective_rank": entropy.exp(),
+    }
+    return {k: v.float() for k, v in stats.items()}
+
+
 def reference_infonce_l2(z: torch.Tensor) -> torch.Tensor:
     """The reference's formula (pdist, concat of the diagonal zeros, exp, log), device-agnostic.
 

@@ -21,6 +21,13 @@ DIGITS = "builtin:digits"
 NONFINITE_POLICIES = ("error", "skip")
 
 
+def check_block_spec(spec: str) -> str | None:
+    """--disp-block syntax: 'all' or comma-separated integers."""
+    if spec == "all" or all(part.strip().lstrip("-").isdigit() for part in spec.split(",")):
+        return None
+    return f"{spec!r} is not a block index, a comma list of them (0,6,27) or all"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every training flag; names and defaults of the reference's flags are kept."""
@@ -50,7 +57,10 @@ class TrainConfig:
     disp_weight: float = option(0.25, "lambda, the weight of the dispersive term")
     disp_tau: float = option(1.0, "temperature of the InfoNCE variants")
     disp_variant: str = option("infonce_l2", "dispersive variant", choices=VARIANTS)
-    disp_block: int = option(-1, "block whose output is regularised, from 0 (negative: from the end)")
+    disp_block: str = option(
+        "-1", "blocks whose outputs are regularised: an index from 0 (negative: from the end), a comma list such as "
+        "0,6,27, or all; one dispersive term per block, averaged", parse=str, check=check_block_spec,
+    )  # fmt: skip
     disp_gather: bool = option(False, "dispersive term over the global batch (all-gather) instead of the local one")
     disp_margin: float = option(1.0, "epsilon of the hinge variant")
     path_type: str = option("Linear", "interpolant path", choices=PATH_TYPES)
@@ -82,11 +92,34 @@ class TrainConfig:
     sample_steps: int = option(50, "Heun ODE steps of the in-training sample grids")
 
     def __post_init__(self):
+        if isinstance(self.disp_block, int):  # TrainConfig(disp_block=6) from Python
+            object.__setattr__(self, "disp_block", str(self.disp_block))
         check_options(self)
 
     def as_dict(self) -> dict:
         """The configuration as a plain dict (config.json, the 'args' of every checkpoint)."""
         return dataclasses.asdict(self)
+
+
+def disp_blocks(spec: str, depth: int, model: str = "the model") -> list[int]:
+    """The block indices of a --disp-block value for a model of `depth` blocks, from 0, in order, without repeats.
+
+    Raises:
+        ConfigError: an index outside -depth..depth-1.
+    """
+    if spec == "all":
+        return list(range(depth))
+    out: list[int] = []
+    for part in spec.split(","):
+        index = int(part)
+        if not -depth <= index < depth:
+            raise ConfigError(
+                f"--disp-block {part.strip()} is out of range: {model} has {depth} blocks "
+                f"(valid: 0..{depth - 1}, or -{depth}..-1 from the end)"
+            )
+        if index % depth not in out:
+            out.append(index % depth)
+    return sorted(out)
 
 
 def validate(cfg: TrainConfig, world_size: int) -> None:
@@ -100,11 +133,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     if cfg.model not in MODEL_PRESETS:
         raise ConfigError(f"--model {cfg.model!r} is not a known model; valid choices: {', '.join(MODEL_PRESETS)}")
     depth, _, _, patch = parse_model_name(cfg.model)
-    if cfg.disp and not -depth <= cfg.disp_block < depth:
-        raise ConfigError(
-            f"--disp-block {cfg.disp_block} is out of range: {cfg.model} has {depth} blocks "
-            f"(valid: 0..{depth - 1}, or -{depth}..-1 from the end)"
-        )
+    if cfg.disp:
+        disp_blocks(cfg.disp_block, depth, cfg.model)
     if cfg.data_path is None and cfg.latents is None:
         raise ConfigError("--data-path is required (or --latents DIR to train from cached latents)")
     if cfg.global_batch_size % world_size:

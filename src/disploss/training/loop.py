@@ -23,6 +23,8 @@ def train(cfg: TrainConfig) -> Path:
     from disploss.training import loader as data
     from disploss.training import state as st
     from disploss.training.ema import EMA
+    from disploss.training.metrics import RunningMeans
+    from disploss.training.objective import build_regularizer, flow_objective
     from disploss.training.runlog import RunLogger
     from disploss.training.step import NonFiniteWatch, StepParts, make_adamw, nonfinite_term, train_step
     from disploss.transport import create_transport
@@ -77,6 +79,7 @@ def train(cfg: TrainConfig) -> Path:
     if resume.state is not None and "rng" in resume.state:
         st.restore_rng(resume.state["rng"], rank, world, device, logger)
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    regularizer = build_regularizer(model, cfg)  # hooks on the unwrapped model, before DDP and compile wrap it
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -86,14 +89,14 @@ def train(cfg: TrainConfig) -> Path:
         net = torch.compile(net)
     model.train()
     parts = StepParts(
-        net=net, objective=flow_objective(transport, cfg), opt=opt, ema=ema, device=device, precision=cfg.precision,
+        net=net, objective=flow_objective(transport, regularizer), opt=opt, ema=ema, device=device, precision=cfg.precision,
         params=[p for p in model.parameters() if p.requires_grad], grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
         skip_nonfinite=cfg.on_nonfinite == "skip",
     )  # fmt: skip
     encode = td.codec.encode if td.codec is not None and td.codec.spec != "none" else None
 
     # -- loop -------------------------------------------------------------------------------------------------------
-    sums = torch.zeros(4, device=device)  # loss, flow, disp, steps that updated the weights since the last log line
+    means = RunningMeans(device)  # loss, flow, disp (and each block's) over the updating steps since the last log
     watch = NonFiniteWatch(device)
     skipped = int(resume.state.get("skipped_steps", 0)) if resume.state is not None else 0
     t_log, log_start, out = time.time(), step, None
@@ -106,6 +109,8 @@ def train(cfg: TrainConfig) -> Path:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if encode is not None:
                 x = encode(x, sample=True)
+            if regularizer is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == max_steps):
+                regularizer.request_diagnostics()  # what the term sees, logged with this step's line
             out = train_step(parts, x, y)
             step += 1
             if parts.skip_nonfinite and not out.updated:
@@ -114,22 +119,19 @@ def train(cfg: TrainConfig) -> Path:
             else:
                 watch.record(step, out)
             if out.updated:
-                sums += torch.stack([out.loss, out.flow, out.disp, torch.ones((), device=device)])
+                means.add({"loss": out.loss, "flow": out.flow, "disp": out.disp, **_prefixed("disp/", out.layers)})
 
             # -- housekeeping ---------------------------------------------------------------------------------------
             last = step == max_steps
             if step % cfg.log_every == 0 or last:
                 watch.check()
-                totals = dist.all_reduce_sum(sums) / world
-                n, dt = float(totals[3]), time.time() - t_log  # n: steps averaged (skipped ones are not)
-                mean = [float(v) / n if n else float("nan") for v in totals[:3]]
+                dt = time.time() - t_log
                 logger.log_metrics(step, {
-                    "loss": mean[0], "flow": mean[1], "disp": mean[2], "steps_per_sec": (step - log_start) / dt,
+                    **means.pop(world), **_diagnostics(regularizer, world), "steps_per_sec": (step - log_start) / dt,
                     "images_per_sec": (step - log_start) * cfg.global_batch_size / dt, "lr": opt.param_groups[0]["lr"],
                     "grad_norm": float(out.grad_norm), "epoch": epoch, "peak_mem_gb": st.peak_memory_gb(device),
                     "skipped_steps": skipped,
                 })  # fmt: skip
-                sums.zero_()
                 t_log, log_start = time.time(), step
             if step % cfg.ckpt_every == 0 or last:
                 watch.check()
@@ -149,17 +151,18 @@ def train(cfg: TrainConfig) -> Path:
     return run_dir
 
 
-def flow_objective(transport, cfg: TrainConfig):
-    """The training objective of a run: flow matching (or score / noise) plus lambda * dispersive on one block."""
-    disp = dict(
-        disp_weight=cfg.disp_weight if cfg.disp else 0.0, disp_tau=cfg.disp_tau, disp_variant=cfg.disp_variant,
-        disp_block=cfg.disp_block, disp_gather=cfg.disp_gather, disp_margin=cfg.disp_margin,
-    )  # fmt: skip
+def _prefixed(prefix: str, values: dict) -> dict:
+    return {prefix + k: v for k, v in values.items()}
 
-    def objective(net, x, y):
-        return transport.training_losses(net, x, dict(y=y), **disp)
 
-    return objective
+def _diagnostics(regularizer, world: int) -> dict[str, float]:
+    """The regulariser's dispersion_stats of this step, per layer, averaged over processes ('diag/blocks.5/rms')."""
+    if regularizer is None or not regularizer.last_diagnostics:
+        return {}
+    flat = {f"diag/{layer}/{k}": v for layer, stats in regularizer.last_diagnostics.items() for k, v in stats.items()}
+    totals = dist.all_reduce_sum(torch.stack(list(flat.values()))) / world
+    regularizer.last_diagnostics = {}
+    return {k: float(v) for k, v in zip(flat, totals)}
 
 
 def _check_patch(cfg: TrainConfig, input_size: int, patch: int) -> None:

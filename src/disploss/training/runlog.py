@@ -169,7 +169,7 @@ class RunLogger:
             step: training step.
             metrics, **scalars: scalar values (floats, ints, 0-d tensors, numpy scalars), e.g. loss, flow, disp,
                 steps_per_sec, images_per_sec, lr, grad_norm, peak_mem_gb.
-            echo: also write the human-readable line.
+            echo: also write the human-readable line (of the names without a '/').
         """
         if not self.enabled:
             return
@@ -178,8 +178,8 @@ class RunLogger:
         line = json.dumps(record, allow_nan=False) + "\n"
         self._metrics_file.write(line)  # one write + flush per line: a kill leaves complete lines
         self._metrics_file.flush()
-        if echo:
-            text = ", ".join(f"{k}: {_format_value(v)}" for k, v in values.items())
+        if echo:  # per-layer values and diagnostics ('disp/blocks.5', 'diag/...') go to the files only
+            text = ", ".join(f"{k}: {_format_value(v)}" for k, v in values.items() if "/" not in k)
             self.logger.info(f"(step={int(step):07d}) {text}")
         numeric = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._wandb_run is not None:

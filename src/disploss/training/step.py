@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from disploss import distributed as dist
 from disploss.runtime import autocast
 
-# (net, x, y) -> {"loss": (B,) total per sample, "flow": (B,), "disp": () dispersive value}
+# (net, x, y) -> {"loss": (B,) total per sample, "flow": (B,), "disp": () dispersive value,
+#                 optionally "layers": {layer name: () dispersive value of that layer}}
 Objective = Callable[[Callable, torch.Tensor, torch.Tensor], dict]
 
 
@@ -53,9 +54,9 @@ class StepParts:
 
 @dataclass
 class StepOutput:
-    """Detached results of one step: loss, flow and disp (0-d, means over the local batch), grad_norm, whether
-    everything was finite (a 0-d bool tensor, on the device) and whether the weights were updated (always True
-    unless skip_nonfinite skipped the step)."""
+    """Detached results of one step: loss, flow and disp (0-d, means over the local batch), the dispersive value
+    of each regularised layer, grad_norm, whether everything was finite (a 0-d bool tensor, on the device) and
+    whether the weights were updated (always True unless skip_nonfinite skipped the step)."""
 
     loss: torch.Tensor
     flow: torch.Tensor
@@ -63,6 +64,7 @@ class StepOutput:
     grad_norm: torch.Tensor
     finite: torch.Tensor
     updated: bool
+    layers: dict = field(default_factory=dict)
 
 
 def train_step(parts: StepParts, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
@@ -84,7 +86,8 @@ def train_step(parts: StepParts, x: torch.Tensor, y: torch.Tensor) -> StepOutput
     if updated:
         parts.opt.step()
         parts.ema.update(parts.ema_decay)
-    return StepOutput(loss.detach(), flow, disp, grad_norm.detach(), finite, updated)
+    layers = {k: v.detach() for k, v in terms.get("layers", {}).items()}
+    return StepOutput(loss.detach(), flow, disp, grad_norm.detach(), finite, updated, layers)
 
 
 def nonfinite_term(out: StepOutput) -> str:

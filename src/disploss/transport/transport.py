@@ -1,5 +1,5 @@
-"""The Transport: a path plus a prediction type, with the training objective (flow term + dispersive term)
-and the drift / score fields that the samplers integrate."""
+"""The Transport: a path plus a prediction type, with the training objective (the flow term, plus a regulariser's
+term such as the dispersive loss) and the drift / score fields that the samplers integrate."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 import torch
 
-from disploss.dispersive import check_variant, dispersive_loss
 from disploss.errors import ConfigError
 from disploss.transport.paths import PATH_TYPES, expand_t_like_x, make_path
 
@@ -97,29 +96,23 @@ class Transport:
         x1: torch.Tensor,
         model_kwargs: dict | None = None,
         *,
-        disp_weight: float = 0.0,
-        disp_tau: float = 1.0,
-        disp_variant: str = "infonce_l2",
-        disp_block: int = -1,
-        disp_gather: bool = False,
-        disp_margin: float = 1.0,
+        regularizer=None,
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Flow-matching (or score / noise) loss plus lambda * dispersive loss on one block's activations.
+        """Flow-matching (or score / noise) loss, plus a regulariser's term (e.g. the dispersive loss).
 
         Args:
-            model: called as model(x_t, t, **model_kwargs[, return_act=True]).
+            model: called as model(x_t, t, **model_kwargs).
             x1: (B, C, H, W) data (latents).
-            disp_weight: lambda; 0 turns the dispersive term off (and the model is called without return_act).
-            disp_tau, disp_variant, disp_margin: see disploss.dispersive_loss.
-            disp_block: index of the block whose output is regularised (negative counts from the end).
-            disp_gather: dispersive term over the global batch (all processes); its gradient is scaled by the
-                world size so that DDP's gradient averaging yields lambda * dL_global/dtheta.
+            regularizer: e.g. a disploss.DispersiveRegularizer hooked on the model: its `loss()` (the weighted
+                term of the layers captured during this forward) is added to every sample's loss, as the reference
+                adds lambda * L_disp. None: no regulariser.
             t, noise: optional fixed t (B,) and x0 (B, C, H, W); drawn as the reference does otherwise.
         Returns:
-            dict with 'loss' (B,) = flow + lambda * disp (the reference's per-sample total), 'flow' (B,),
-            'disp' (0-dim, detached from nothing: the value of the dispersive term), 'pred' (B, C, H, W).
+            dict with 'loss' (B,) = flow + the regulariser's term (the reference's per-sample total), 'flow' (B,),
+            'disp' (0-d, detached: the regulariser's unweighted value, the mean over its layers; 0 without one),
+            'pred' (B, C, H, W).
         """
         model_kwargs = model_kwargs or {}
         if noise is None:
@@ -127,30 +120,15 @@ class Transport:
         if t is None:
             t = self.sample_t(x1.shape[0], x1.device)
         t, xt, ut = self.path.plan(t, noise, x1)
-        use_disp = disp_weight != 0
-        if use_disp:
-            check_variant(disp_variant)
-            pred, acts = model(xt, t, **model_kwargs, return_act=True)
-        else:
-            pred = model(xt, t, **model_kwargs)
+        pred = model(xt, t, **model_kwargs)
         if pred.shape != xt.shape:
             raise ConfigError(f"model output shape {tuple(pred.shape)} does not match its input {tuple(xt.shape)}")
         flow = self._flow_loss(pred.float(), xt, t, noise, ut)
-        if use_disp:
-            if not -len(acts) <= disp_block < len(acts):
-                raise ConfigError(f"disp_block {disp_block} is out of range for a model with {len(acts)} blocks")
-            disp = dispersive_loss(acts[disp_block], disp_variant, tau=disp_tau, margin=disp_margin, gather=disp_gather)
-            disp_for_grad = disp
-            if disp_gather:
-                from disploss.distributed import get_world_size
-
-                w = get_world_size()
-                disp_for_grad = disp * w - disp.detach() * (w - 1)  # value disp, gradient w * d disp
-            total = flow + disp_weight * disp_for_grad
-        else:
-            disp = torch.zeros((), device=flow.device)
-            total = flow
-        return {"loss": total, "flow": flow, "disp": disp, "pred": pred}
+        if regularizer is None:
+            return {"loss": flow, "flow": flow, "disp": torch.zeros((), device=flow.device), "pred": pred}
+        term = regularizer.loss()
+        disp = torch.stack(list(regularizer.last_values.values())).mean()  # the unweighted dispersive value
+        return {"loss": flow + term, "flow": flow, "disp": disp, "pred": pred}
 
     def _flow_loss(self, pred, xt, t, x0, ut) -> torch.Tensor:
         if self.prediction == "velocity":

@@ -104,7 +104,7 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
     from disploss.dispersive import dispersive_loss
     from disploss.training import TrainConfig
     from disploss.training.ema import EMA
-    from disploss.training.loop import flow_objective
+    from disploss.training.objective import build_regularizer, flow_objective
     from disploss.training.step import StepParts, train_step
     from disploss.transport import create_transport
 
@@ -118,11 +118,21 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
     net = torch.compile(model) if cfg.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
 
+    # The regulariser of `disploss train --disp` (last block), enabled only during the steps that use it.
+    run_cfg = TrainConfig(disp=True, disp_weight=cfg.disp_weight, disp_tau=cfg.disp_tau, precision=cfg.precision)
+    regularizer = build_regularizer(model, run_cfg)
+
     def ours(disp: bool) -> Callable[[], None]:
-        run_cfg = TrainConfig(disp=disp, disp_weight=cfg.disp_weight, disp_tau=cfg.disp_tau, precision=cfg.precision)
-        parts = StepParts(net=net, objective=flow_objective(transport, run_cfg), opt=opt, ema=ema, params=params,
-                          device=device, precision=cfg.precision)  # fmt: skip
-        return lambda: train_step(parts, x, y)
+        objective = flow_objective(transport, regularizer if disp else None)
+        parts = StepParts(
+            net=net, objective=objective, opt=opt, ema=ema, params=params, device=device, precision=cfg.precision
+        )
+
+        def step() -> None:
+            regularizer.enabled = disp
+            train_step(parts, x, y)
+
+        return step
 
     variants = {"ours_nodisp": ours(False), "ours_disp": ours(True)}
     reference = {"status": "not requested (--reference-path)"}
@@ -168,6 +178,7 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
     else:
         log(f"  reference: {reference['status']}")
     out["reference"] = reference
+    regularizer.remove()
     model.zero_grad(set_to_none=True)  # frees the gradients (and with the optimizer, its state) before sampling
     return out
 

@@ -1,0 +1,249 @@
+"""DispersiveRegularizer: dispersive loss on the outputs of any layers of any PyTorch model, through forward hooks.
+
+    reg = DispersiveRegularizer(model, layers=["down_blocks.*", "mid_block"], weight=0.25, tau=1.0)
+    out = model(x, t)                  # the hooks capture the chosen layers' outputs (training mode, grad on)
+    loss = mse + reg.loss()            # weight * mean over the captured layers of dispersive_loss(z)
+    reg.remove()                       # detach every hook
+
+Layer names are those of `model.named_modules()`; in a pattern `*` stands for exactly one dotted name component
+(`blocks.*` is every SiT block, `down_blocks.*` each diffusers down block, not their children), and "all" is every
+child of the model's first ModuleList (SiT: its blocks). A DDP- or torch.compile-wrapped model is unwrapped to
+name its layers; the hooks sit on the wrapped module, so they fire whichever wrapper calls it.
+
+What is captured: a tensor output as is; of a tuple or list, its first tensor; of a dict or a diffusers BaseOutput,
+its first tensor value; flattened per sample to (B, M). Nothing is captured (and nothing kept) when the hooked
+module is in eval mode, when gradients are off (torch.no_grad, inference), or when activation checkpointing
+recomputes the forward inside backward: a checkpointed layer contributes its first forward only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from disploss.dispersive import check_variant, dispersion_stats, dispersive_loss
+from disploss.errors import ConfigError
+
+__all__ = ["DispersiveRegularizer", "resolve_layers", "unwrap_model"]
+
+_WRAPPERS = ("DistributedDataParallel", "DataParallel", "OptimizedModule")
+_WRAPPER_ATTRS = ("module", "_orig_mod")  # where DDP / DataParallel and torch.compile's OptimizedModule keep it
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module under DDP / DataParallel / torch.compile wrappers (the model itself when not wrapped)."""
+    while type(model).__name__ in _WRAPPERS:
+        model = next(getattr(model, a) for a in _WRAPPER_ATTRS if isinstance(getattr(model, a, None), nn.Module))
+    return model
+
+
+def _all_layers(names: list[str], modules: dict[str, nn.Module]) -> list[str]:
+    # "all": the children of the first ModuleList (SiT's blocks, a timm ViT's blocks); ambiguous otherwise.
+    for name in names:
+        if name and isinstance(modules[name], nn.ModuleList):
+            return [f"{name}.{k}" for k, _ in modules[name].named_children()]
+    raise ConfigError(
+        "layers='all' needs a model with a ModuleList of blocks (as SiT's `blocks`); name the layers instead, "
+        f"e.g. {', '.join(_top_names(names)[:6])}"
+    )
+
+
+def _top_names(names: list[str]) -> list[str]:
+    return [n for n in names if n and "." not in n]
+
+
+def _nearest(pattern: str, names: list[str], k: int = 6) -> list[str]:
+    import difflib
+
+    close = difflib.get_close_matches(pattern, [n for n in names if n], n=k, cutoff=0.4)
+    return close or _top_names(names)[:k]
+
+
+def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
+    """Module names matched by `layers` (patterns where `*` is one dotted component, or "all"), in model order.
+
+    Raises:
+        ConfigError: a pattern matches nothing (the message lists the nearest real names), or no layers at all.
+    """
+    modules = dict(unwrap_model(model).named_modules())
+    names = list(modules)
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    if not patterns:
+        raise ConfigError("layers: give at least one layer name or pattern")
+    chosen: list[str] = []
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"layers: {pattern!r} is not a layer name or pattern")
+        if pattern == "all":
+            found = _all_layers(names, modules)
+        else:
+            regex = re.compile("^" + r"[^.]+".join(re.escape(p) for p in pattern.split("*")) + "$")
+            found = [n for n in names if n and regex.match(n)]
+        if not found:
+            raise ConfigError(
+                f"layers: {pattern!r} matches no module of {type(unwrap_model(model)).__name__}; nearest names: "
+                f"{', '.join(_nearest(pattern, names))}"
+            )
+        chosen += [n for n in found if n not in chosen]
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):  # dicts and diffusers' BaseOutput (an OrderedDict)
+        values = list(output.values())
+    elif isinstance(output, Sequence) and not isinstance(output, str):
+        values = list(output)
+    else:
+        return None
+    return next((v for v in values if isinstance(v, torch.Tensor)), None)
+
+
+def _world_size() -> int:
+    from disploss.distributed import get_world_size
+
+    return get_world_size()
+
+
+def _in_backward() -> bool:
+    # Activation checkpointing recomputes a forward inside backward; that forward must not capture a second time.
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+class DispersiveRegularizer:
+    """Dispersive loss on chosen layers of a model, captured by forward hooks.
+
+    Args:
+        model: any nn.Module (DDP- or compile-wrapped ones are unwrapped to name layers).
+        layers: a name or pattern, or a list of them (see the module docstring), or "all".
+        weight: lambda; `loss()` returns weight * mean over the captured layers of dispersive_loss(z).
+        tau, variant, margin, gather: as disploss.dispersive_loss. With gather=True the term is computed over the
+            global batch and its gradient scaled by the world size, so that DDP's gradient averaging yields
+            weight * dL_global / dtheta.
+    Attributes:
+        layer_names: the resolved module names, in model order.
+        last_values: {layer name: detached dispersive value} of the last `loss()` call.
+        last_diagnostics: {layer name: {stat: 0-d tensor}} (disploss.dispersive.dispersion_stats) of the last
+            `loss()` call after `request_diagnostics()`.
+        enabled: False makes the hooks capture nothing (the regulariser stays attached).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: str | Sequence[str] = "all",
+        weight: float = 0.25,
+        tau: float = 1.0,
+        variant: str = "infonce_l2",
+        margin: float = 1.0,
+        gather: bool = False,
+    ):
+        check_variant(variant)
+        if not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"weight must be a finite number >= 0, got {weight}")
+        if not tau > 0 or not math.isfinite(tau):
+            raise ConfigError(f"tau must be positive, got {tau}")
+        self.weight, self.tau, self.variant, self.margin, self.gather = (
+            float(weight),
+            float(tau),
+            variant,
+            margin,
+            gather,
+        )
+        self.enabled = True
+        self.layer_names = resolve_layers(model, layers)
+        self.last_values: dict[str, torch.Tensor] = {}
+        self.last_diagnostics: dict[str, dict[str, torch.Tensor]] = {}
+        self._captured: list[tuple[str, torch.Tensor]] = []
+        self._diagnose = False
+        modules = dict(unwrap_model(model).named_modules())
+        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.layer_names]
+
+    # -- capture ------------------------------------------------------------------------------------------------
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args, output) -> None:
+            if not self.enabled or not module.training or not torch.is_grad_enabled():
+                return
+            if not torch.compiler.is_compiling() and _in_backward():
+                return
+            z = _first_tensor(output)
+            if z is None:
+                raise ConfigError(
+                    f"layer {name!r} returned {type(output).__name__}, which holds no tensor to regularise; choose "
+                    "another layer"
+                )
+            if z.dim() < 2:
+                raise ConfigError(f"layer {name!r} returned a tensor of shape {tuple(z.shape)}; need (B, ...)")
+            self._captured.append((name, z))
+
+        return hook
+
+    # -- the loss -----------------------------------------------------------------------------------------------
+    def loss(self) -> torch.Tensor:
+        """weight * mean over the captures since the last call of dispersive_loss(z); clears the captures.
+
+        Returns:
+            A 0-d float32 tensor (float64 for float64 activations) that carries the gradient.
+        Raises:
+            RuntimeError: nothing was captured since the last call (the model was not run in training mode with
+                gradients, or its hooked layers were not called).
+        """
+        captured, self._captured = self._captured, []
+        if not captured:
+            raise RuntimeError(
+                f"DispersiveRegularizer: nothing captured from {', '.join(self.layer_names)} since the last loss(); "
+                "run the model in training mode with gradients enabled before calling loss()"
+            )
+        batch = captured[0][1].shape[0]
+        if batch < 2 and not (self.gather and _world_size() > 1):
+            raise ConfigError(
+                "DispersiveRegularizer: a batch of 1 makes the dispersive loss constant (no gradient); it needs at "
+                "least 2 samples per process, or gather=True over several processes"
+            )
+        diagnose, self._diagnose = self._diagnose, False
+        values, terms = {}, []
+        for name, z in captured:
+            value = dispersive_loss(z, self.variant, tau=self.tau, margin=self.margin, gather=self.gather)
+            terms.append(value)
+            values[name] = value.detach()
+            if diagnose:
+                with torch.no_grad():
+                    self.last_diagnostics[name] = dispersion_stats(z.detach(), self.tau)
+        self.last_values = values
+        total = torch.stack(terms).mean()
+        if self.gather:
+            w = _world_size()
+            total = total * w - total.detach() * (w - 1)  # value unchanged, gradient w * d total
+        return self.weight * total
+
+    def request_diagnostics(self) -> None:
+        """Make the next `loss()` also compute `last_diagnostics` (a few B x B matrices; e.g. at log steps)."""
+        self._diagnose = True
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Detach every hook and drop what was captured (safe to call twice)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._captured = []
+
+    def __enter__(self) -> DispersiveRegularizer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (
+            f"DispersiveRegularizer(layers={self.layer_names}, weight={self.weight}, tau={self.tau}, "
+            f"variant={self.variant!r}, gather={self.gather})"
+        )

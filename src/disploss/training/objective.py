@@ -1,0 +1,34 @@
+"""The training objective of a run: the transport's flow-matching (or score / noise) loss, plus the dispersive
+term of a DispersiveRegularizer hooked on the chosen SiT blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from disploss.regularizer import DispersiveRegularizer
+from disploss.training.config import TrainConfig, disp_blocks
+
+
+def build_regularizer(model: torch.nn.Module, cfg: TrainConfig) -> DispersiveRegularizer | None:
+    """The regulariser of --disp on the blocks of --disp-block (None without --disp). Build it on the unwrapped
+    model before DDP / torch.compile wrap it: the hooks then fire whichever wrapper calls the blocks."""
+    if not cfg.disp:
+        return None
+    blocks = disp_blocks(cfg.disp_block, len(model.blocks), cfg.model)
+    return DispersiveRegularizer(
+        model, layers=[f"blocks.{i}" for i in blocks], weight=cfg.disp_weight, tau=cfg.disp_tau,
+        variant=cfg.disp_variant, margin=cfg.disp_margin, gather=cfg.disp_gather,
+    )  # fmt: skip
+
+
+def flow_objective(transport, regularizer: DispersiveRegularizer | None) -> Callable:
+    """(net, x, y) -> terms: 'loss' (B,), 'flow' (B,), 'disp' () and 'layers' {layer: dispersive value}."""
+
+    def objective(net, x, y):
+        terms = transport.training_losses(net, x, dict(y=y), regularizer=regularizer)
+        terms["layers"] = dict(regularizer.last_values) if regularizer is not None else {}
+        return terms
+
+    return objective
