@@ -223,12 +223,12 @@ def test_train_configs_share_everything_but_the_arm(tmp_path):
 
 
 def test_grid_arms_are_unique_and_cover_the_variants():
-    arms = ex.DigitsConfig(grid=True).arms()
+    arms = ex.DigitsConfig(grid=True).arm_list()
     names = [a.name for a in arms]
     assert len(names) == len(set(names)) == 3 + 3 + 8
     assert {a.variant for a in arms if a.disp} == set(VARIANTS)
     assert sum(1 for a in arms if a.disp and (a.weight, a.tau) == (0.25, 1.0) and a.variant == "infonce_l2") == 1
-    assert ex.DigitsConfig().arms() == [ex.BASELINE, ex.DISPERSIVE, ex.DISPERSIVE_COSINE]
+    assert ex.DigitsConfig().arm_list() == [ex.BASELINE, ex.DISPERSIVE, ex.DISPERSIVE_COSINE]
 
 
 @pytest.mark.parametrize(
@@ -312,3 +312,46 @@ def test_grid_runs_every_variant(tmp_path, cache_dir):
         assert [c["step"] for c in run["checkpoints"]] == [4] and math.isfinite(run["checkpoints"][0]["fid"])
         assert math.isfinite(run["final_flow_loss"])
     assert "disp-hinge" in (tmp_path / "results.md").read_text()
+
+
+def test_arm_specs_parse_and_name_their_recipe():
+    arm = ex.Arm.from_spec("infonce_l2+tau=4+blocks=0/2+lam=0.5")
+    assert (arm.variant, arm.tau, arm.blocks, arm.weight, arm.disp) == ("infonce_l2", 4.0, "0,2", 0.5, True)
+    assert arm.name == arm.spec() == "infonce_l2+lam=0.5+tau=4+blocks=0/2"  # normalised order
+    assert ex.Arm.from_spec(arm.spec()) == arm
+    assert ex.Arm.from_spec("baseline") is ex.BASELINE and ex.Arm.from_spec("dispersive") is ex.DISPERSIVE
+    assert ex.DISPERSIVE.spec() == ex.Arm.from_spec("infonce_l2").spec() == "infonce_l2"
+    with pytest.raises(ValueError, match="'beta=2' is not one of lam=..., tau=..., blocks=..., margin=..."):
+        ex.Arm.from_spec("infonce_l2+beta=2")
+    with pytest.raises(ValueError, match="valid choices"):
+        ex.Arm.from_spec("infonce_l3")
+
+
+def test_arm_list_runs_each_recipe_once_baseline_first():
+    cfg = ex.DigitsConfig(arms=("infonce_l2", "dispersive", "hinge", "baseline"))
+    assert [a.spec() for a in cfg.arm_list()] == ["baseline", "infonce_l2", "hinge"]
+    screen = [a.spec() for a in ex.DigitsConfig(screen=True).arm_list()]
+    assert screen[0] == "baseline" and len(screen) == len(set(screen)) == 12
+    # SiT-T/2 has 6 blocks: the JAX setting's block at depth // 4 is block 1 (index 0), the middle one index 2
+    assert "infonce_l2+lam=0.5+tau=0.5+blocks=0" in screen and "infonce_l2+blocks=2" in screen
+    assert {"infonce_l2+blocks=all", "infonce_l2_ln", "covariance", "hinge", "infonce_cosine+tau=0.5"} <= set(screen)
+
+
+def test_screen_picks_the_best_tau_for_the_lambda_pass(monkeypatch):
+    from disploss.tools.digits import run as run_module
+
+    fids = {"infonce_l2+tau=0.25": 90.0, "dispersive": 80.0, "infonce_l2+tau=4": 70.0, "infonce_l2+tau=16": 75.0}
+    calls = []
+
+    def fake_run_digits(cfg, log=print):
+        calls.append(cfg)
+        final = max(cfg.eval_steps())
+        return {"arms": {a.name: {"summary": [{"step": final, "fid": {"mean": fids.get(a.name, 99.0)}}]}
+                         for a in cfg.arm_list()}}  # fmt: skip
+
+    monkeypatch.setattr(run_module, "run_digits", fake_run_digits)
+    run_module.run_screen(ex.DigitsConfig(seeds=(0,)), log=lambda *_: None)
+    first, second = calls
+    assert first.screen and second.screen
+    added = {a.spec() for a in second.arm_list()} - {a.spec() for a in first.arm_list()}
+    assert added == {"infonce_l2+lam=0.05+tau=4", "infonce_l2+lam=1+tau=4"}

@@ -355,3 +355,20 @@ def test_diagnostics_on_request(tiny_sit_factory):
     model(x, t, y)
     reg.loss()
     assert list(reg.last_diagnostics) == ["blocks.0", "blocks.1"]  # kept until read; recomputed only on request
+
+
+def test_layer_normalised_infonce_l2_against_float64():
+    torch.manual_seed(3)
+    z = (torch.randn(6, 4, 5) * torch.linspace(0.5, 4.0, 6)[:, None, None]).double().requires_grad_(True)
+    got = dispersive_loss(z, "infonce_l2_ln", tau=0.5)
+    flat = z.flatten(1)
+    standardised = (flat - flat.mean(1, keepdim=True)) / torch.sqrt(flat.var(1, unbiased=False, keepdim=True) + 1e-6)
+    expected = independent_infonce_l2(standardised, 0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    (g_got,) = torch.autograd.grad(got, z)
+    (g_exp,) = torch.autograd.grad(expected, z)
+    torch.testing.assert_close(g_got, g_exp, rtol=1e-8, atol=1e-12)
+    # scaling a representation does not change it: the term cannot be lowered by inflating norms
+    scaled = z.detach().clone()
+    scaled[0] *= 10
+    assert dispersive_loss(scaled, "infonce_l2_ln", tau=0.5).item() == pytest.approx(got.item(), abs=1e-6)

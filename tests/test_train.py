@@ -293,3 +293,13 @@ def test_disp_block_syntax_errors(images, tmp_path, capsys):
     assert train_cli(tiny_flags(images, tmp_path / "b", steps=1, disp=True, disp_block="0,6")) == 2
     assert "--disp-block 6 is out of range: SiT-T/2 has 6 blocks" in error_line(capsys)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_baseline_runs_log_the_diagnostics_of_the_watched_block(images, tmp_path, monkeypatch):
+    monkeypatch.setattr(regularizer_module, "dispersive_loss", lambda *a, **k: pytest.fail("dispersive loss called"))
+    assert train_cli(tiny_flags(images, tmp_path, steps=2, log_every=2)) == 0
+    (m,) = metrics_of(only_run(tmp_path))
+    assert m["disp"] == 0.0
+    assert {k for k in m if k.startswith("diag/")} == {
+        f"diag/blocks.5/{s}" for s in ("rms", "median_d", "unsaturated", "offdiag_weight", "effective_rank")
+    }

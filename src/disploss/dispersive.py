@@ -14,14 +14,17 @@ import torch
 
 from disploss.errors import ConfigError
 
-Variant = Literal["infonce_l2", "infonce_cosine", "hinge", "covariance"]
-VARIANTS: tuple[str, ...] = ("infonce_l2", "infonce_cosine", "hinge", "covariance")
+Variant = Literal["infonce_l2", "infonce_cosine", "hinge", "covariance", "infonce_l2_ln"]
+VARIANTS: tuple[str, ...] = ("infonce_l2", "infonce_cosine", "hinge", "covariance")  # the paper's four
+# Not in the paper: InfoNCE-L2 of layer-normalised representations (experiments/digits weighs it).
+EXPERIMENTAL_VARIANTS: tuple[str, ...] = ("infonce_l2_ln",)
+ALL_VARIANTS: tuple[str, ...] = VARIANTS + EXPERIMENTAL_VARIANTS
 
 
 def check_variant(variant: str) -> str:
     """Return `variant` when it is a known dispersive variant, else raise ValueError listing the choices."""
-    if variant not in VARIANTS:
-        raise ConfigError(f"unknown dispersive variant {variant!r}; valid choices: {', '.join(VARIANTS)}")
+    if variant not in ALL_VARIANTS:
+        raise ConfigError(f"unknown dispersive variant {variant!r}; valid choices: {', '.join(ALL_VARIANTS)}")
     return variant
 
 
@@ -100,6 +103,9 @@ def dispersive_loss(
       - hinge:          mean_ij max(0, margin - ||z_i - z_j||^2 / M)^2
       - covariance:     sum of squared off-diagonal entries of the covariance (over the batch) of the
                         l2-normalised z; computed through the B x B Gram matrix, never the M x M covariance.
+      - infonce_l2_ln:  infonce_l2 of layer-normalised representations (each z_i standardised over its M
+                        features: mean 0, variance 1), so the term cannot be lowered by growing the norms
+                        (not in the paper; see experiments/digits).
 
     Args:
         z: (B, ...) representations of one process's batch, e.g. the residual stream (B, T, D) of a block.
@@ -124,6 +130,9 @@ def dispersive_loss(
         z = z.reshape(z.shape[0], -1).to(_compute_dtype(z))  # (B, M)
         if variant == "infonce_l2":
             return _InfoNCEL2.apply(z, float(tau))
+        if variant == "infonce_l2_ln":
+            zn = torch.nn.functional.layer_norm(z, z.shape[1:], eps=1e-6)  # (B, M), no affine
+            return _InfoNCEL2.apply(zn, float(tau))
         if variant == "infonce_cosine":
             zn = torch.nn.functional.normalize(z, dim=1)
             eye = torch.eye(len(z), dtype=torch.bool, device=z.device)

@@ -224,6 +224,14 @@ class DispersiveRegularizer:
             total = total * w - total.detach() * (w - 1)  # value unchanged, gradient w * d total
         return self.weight * total
 
+    def stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        """dispersion_stats of each capture since the last call, without computing the loss; clears the captures.
+
+        For watching layers that are not regularised (a regulariser with weight 0, enabled for one step)."""
+        captured, self._captured = self._captured, []
+        with torch.no_grad():
+            return {name: dispersion_stats(z.detach(), self.tau) for name, z in captured if z.shape[0] > 1}
+
     def request_diagnostics(self) -> None:
         """Make the next `loss()` also compute `last_diagnostics` (a few B x B matrices; e.g. at log steps)."""
         self._diagnose = True

@@ -48,10 +48,10 @@ def digits_config(args: argparse.Namespace) -> digits.DigitsConfig:
 def run(args: argparse.Namespace) -> int:
     def go() -> int:
         from disploss.tools.digits.report import fmt
-        from disploss.tools.digits.run import run_digits
+        from disploss.tools.digits.run import run_digits, run_screen
 
         cfg = digits_config(args)
-        results = run_digits(cfg)
+        results = run_screen(cfg) if cfg.screen else run_digits(cfg)
         final = max(cfg.eval_steps())
         print(f"\nfeature-FID at step {final} (mean ± std over {len(cfg.seeds)} seed(s)):")
         for name, arm in results["arms"].items():

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from disploss.dispersive import VARIANTS
+from disploss.dispersive import ALL_VARIANTS
 from disploss.options import at_least, check_options, option, positive
 from disploss.runtime import DEVICES
 from disploss.training import DIGITS, TrainConfig, train
@@ -38,7 +38,7 @@ class DemoConfig:
     results_dir: str = option("results/demo", "parent folder of the run")
     steps: int = option(1500, "training steps", check=at_least(1))
     no_disp: bool = option(False, "train the baseline, without dispersive loss")
-    disp_variant: str = option(DEMO["disp_variant"], "dispersive variant", choices=VARIANTS)
+    disp_variant: str = option(DEMO["disp_variant"], "dispersive variant", choices=ALL_VARIANTS)
     disp_weight: float = option(DEMO["disp_weight"], "lambda", check=positive)
     disp_tau: float = option(DEMO["disp_tau"], "temperature", check=positive)
     seed: int = option(0, "global seed")

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from disploss.data.images import BAD_IMAGE_POLICIES
-from disploss.dispersive import VARIANTS
+from disploss.dispersive import ALL_VARIANTS
 from disploss.errors import ConfigError
 from disploss.options import at_least, check_options, option, positive
 from disploss.runtime import DEVICES, PRECISIONS
@@ -56,7 +56,7 @@ class TrainConfig:
     disp: bool = option(False, "add the dispersive loss")
     disp_weight: float = option(0.25, "lambda, the weight of the dispersive term")
     disp_tau: float = option(1.0, "temperature of the InfoNCE variants")
-    disp_variant: str = option("infonce_l2", "dispersive variant", choices=VARIANTS)
+    disp_variant: str = option("infonce_l2", "dispersive variant", choices=ALL_VARIANTS)
     disp_block: str = option(
         "-1", "blocks whose outputs are regularised: an index from 0 (negative: from the end), a comma list such as "
         "0,6,27, or all; one dispersive term per block, averaged", parse=str, check=check_block_spec,

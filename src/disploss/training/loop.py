@@ -24,7 +24,7 @@ def train(cfg: TrainConfig) -> Path:
     from disploss.training import state as st
     from disploss.training.ema import EMA
     from disploss.training.metrics import RunningMeans
-    from disploss.training.objective import build_regularizer, flow_objective
+    from disploss.training.objective import DispersionWatch, build_regularizer, flow_objective
     from disploss.training.runlog import RunLogger
     from disploss.training.step import NonFiniteWatch, StepParts, make_adamw, nonfinite_term, train_step
     from disploss.transport import create_transport
@@ -80,6 +80,7 @@ def train(cfg: TrainConfig) -> Path:
         st.restore_rng(resume.state["rng"], rank, world, device, logger)
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     regularizer = build_regularizer(model, cfg)  # hooks on the unwrapped model, before DDP and compile wrap it
+    dispersion = DispersionWatch(model, cfg, regularizer)  # diagnostics of the (would-be) regularised blocks
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -109,8 +110,7 @@ def train(cfg: TrainConfig) -> Path:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if encode is not None:
                 x = encode(x, sample=True)
-            if regularizer is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == max_steps):
-                regularizer.request_diagnostics()  # what the term sees, logged with this step's line
+            dispersion.before_step((step + 1) % cfg.log_every == 0 or step + 1 == max_steps)
             out = train_step(parts, x, y)
             step += 1
             if parts.skip_nonfinite and not out.updated:
@@ -127,7 +127,7 @@ def train(cfg: TrainConfig) -> Path:
                 watch.check()
                 dt = time.time() - t_log
                 logger.log_metrics(step, {
-                    **means.pop(world), **_diagnostics(regularizer, world), "steps_per_sec": (step - log_start) / dt,
+                    **means.pop(world), **_mean_over_ranks(dispersion.collect(), world), "steps_per_sec": (step - log_start) / dt,
                     "images_per_sec": (step - log_start) * cfg.global_batch_size / dt, "lr": opt.param_groups[0]["lr"],
                     "grad_norm": float(out.grad_norm), "epoch": epoch, "peak_mem_gb": st.peak_memory_gb(device),
                     "skipped_steps": skipped,
@@ -155,14 +155,11 @@ def _prefixed(prefix: str, values: dict) -> dict:
     return {prefix + k: v for k, v in values.items()}
 
 
-def _diagnostics(regularizer, world: int) -> dict[str, float]:
-    """The regulariser's dispersion_stats of this step, per layer, averaged over processes ('diag/blocks.5/rms')."""
-    if regularizer is None or not regularizer.last_diagnostics:
+def _mean_over_ranks(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    if not values:
         return {}
-    flat = {f"diag/{layer}/{k}": v for layer, stats in regularizer.last_diagnostics.items() for k, v in stats.items()}
-    totals = dist.all_reduce_sum(torch.stack(list(flat.values()))) / world
-    regularizer.last_diagnostics = {}
-    return {k: float(v) for k, v in zip(flat, totals)}
+    totals = dist.all_reduce_sum(torch.stack(list(values.values()))) / world
+    return {k: float(v) for k, v in zip(values, totals)}
 
 
 def _check_patch(cfg: TrainConfig, input_size: int, patch: int) -> None:

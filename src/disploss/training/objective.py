@@ -32,3 +32,37 @@ def flow_objective(transport, regularizer: DispersiveRegularizer | None) -> Call
         return terms
 
     return objective
+
+
+class DispersionWatch:
+    """What the dispersive term sees, logged at log steps for any run: the regularised blocks' dispersion_stats,
+    or without --disp those of the blocks --disp-block names (watched by a weight-0 regulariser that captures only
+    during log steps and never computes the loss)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, regularizer: DispersiveRegularizer | None):
+        self.regularizer = regularizer
+        self.monitor = None
+        if regularizer is None:
+            blocks = disp_blocks(cfg.disp_block, len(model.blocks), cfg.model)
+            self.monitor = DispersiveRegularizer(
+                model, layers=[f"blocks.{i}" for i in blocks], weight=0.0, tau=cfg.disp_tau
+            )
+            self.monitor.enabled = False
+
+    def before_step(self, log_step: bool) -> None:
+        """Arm the capture for a step whose metrics are logged."""
+        if not log_step:
+            return
+        if self.regularizer is not None:
+            self.regularizer.request_diagnostics()
+        else:
+            self.monitor.enabled = True
+
+    def collect(self) -> dict[str, torch.Tensor]:
+        """{'diag/blocks.5/rms': 0-d tensor, ...} of the last armed step ({} when none)."""
+        if self.regularizer is not None:
+            stats, self.regularizer.last_diagnostics = self.regularizer.last_diagnostics, {}
+        else:
+            stats = self.monitor.stats()
+            self.monitor.enabled = False
+        return {f"diag/{layer}/{k}": v for layer, values in stats.items() for k, v in values.items()}

@@ -43,7 +43,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from disploss.dispersive import VARIANTS
+from disploss.dispersive import ALL_VARIANTS, VARIANTS
 from disploss.errors import ConfigError
 from disploss.options import at_least, check_options, in_interval, option
 from disploss.runtime import DEVICES
@@ -76,37 +76,80 @@ METRICS = ("fid", "precision", "recall", "class_accuracy")
 # Configuration
 
 
+_SPEC_KEYS = {"lam": "weight", "tau": "tau", "blocks": "blocks", "margin": "margin"}
+
+
 @dataclass(frozen=True)
 class Arm:
-    """One training recipe: the baseline (disp=False) or a dispersive variant with its lambda and tau."""
+    """One training recipe: the baseline (disp=False) or a dispersive variant with its lambda, tau and blocks.
+
+    blocks is a --disp-block value ('-1' = the last block, '0,2', 'all'); margin is the hinge's epsilon.
+    """
 
     name: str
     disp: bool
     variant: str = "infonce_l2"
     weight: float = 0.25
     tau: float = 1.0
+    blocks: str = "-1"
+    margin: float = 1.0
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"unknown dispersive variant {self.variant!r}; valid choices: {', '.join(VARIANTS)}")
+        if self.variant not in ALL_VARIANTS:
+            raise ConfigError(f"unknown dispersive variant {self.variant!r}; valid choices: {', '.join(ALL_VARIANTS)}")
         if self.disp and not (self.weight > 0 and self.tau > 0):
             raise ConfigError(f"arm {self.name}: lambda and tau must be positive, got {self.weight}, {self.tau}")
+
+    @classmethod
+    def from_spec(cls, spec: str) -> Arm:
+        """An arm from its spec: 'baseline', or a variant with '+key=value' settings (keys: lam, tau, blocks,
+        margin; blocks as in --disp-block with '/' for ','), e.g. 'infonce_l2+tau=4+blocks=all'. The spec,
+        normalised, is the arm's name."""
+        spec = spec.strip()
+        if spec == "baseline":
+            return BASELINE
+        if spec in NAMED_ARMS:
+            return NAMED_ARMS[spec]
+        variant, *settings = spec.split("+")
+        values: dict = {}
+        for item in settings:
+            key, _, value = item.partition("=")
+            if key not in _SPEC_KEYS or not value:
+                raise ConfigError(f"arm {spec!r}: {item!r} is not one of {', '.join(k + '=...' for k in _SPEC_KEYS)}")
+            field = _SPEC_KEYS[key]
+            values[field] = value.replace("/", ",") if field == "blocks" else float(value)
+        arm = cls(name="", disp=True, variant=variant, **values)
+        return dataclasses.replace(arm, name=arm.spec())
+
+    def spec(self) -> str:
+        """The normalised spec (settings that differ from the release's defaults, in a fixed order)."""
+        if not self.disp:
+            return "baseline"
+        parts = [self.variant]
+        defaults = Arm("", disp=True)
+        for key, field in _SPEC_KEYS.items():
+            value = getattr(self, field)
+            if value != getattr(defaults, field):
+                parts.append(f"{key}={value.replace(',', '/') if field == 'blocks' else f'{value:g}'}")
+        return "+".join(parts)
 
     def describe(self) -> str:
         """A one-line description for tables."""
         if not self.disp:
             return "flow matching only"
+        where = {"-1": "last block", "all": "all blocks"}.get(self.blocks, f"block(s) {self.blocks}")
         if self.variant == "covariance":
-            return f"covariance, lambda={self.weight:g}"
+            return f"covariance, lambda={self.weight:g}, {where}"
         if self.variant == "hinge":
-            return f"hinge, lambda={self.weight:g}"
-        return f"{self.variant}, lambda={self.weight:g}, tau={self.tau:g}"
+            return f"hinge, lambda={self.weight:g}, margin={self.margin:g}, {where}"
+        return f"{self.variant}, lambda={self.weight:g}, tau={self.tau:g}, {where}"
 
 
 BASELINE = Arm("baseline", disp=False)
-DISPERSIVE = Arm("dispersive", disp=True)  # the release's default: InfoNCE-L2, lambda 0.25, tau 1
+DISPERSIVE = Arm("dispersive", disp=True)  # the release's default: InfoNCE-L2, lambda 0.25, tau 1, last block
 # The demo's recipe (disploss.tools.demo.DEMO): InfoNCE with cosine distance, lambda 0.25, tau 0.5.
 DISPERSIVE_COSINE = Arm("dispersive_cosine", disp=True, variant="infonce_cosine", weight=0.25, tau=0.5)
+NAMED_ARMS = {a.name: a for a in (BASELINE, DISPERSIVE, DISPERSIVE_COSINE)}
 
 
 def grid_arms(lambdas: tuple[float, ...], taus: tuple[float, ...]) -> list[Arm]:
@@ -118,6 +161,25 @@ def grid_arms(lambdas: tuple[float, ...], taus: tuple[float, ...]) -> list[Arm]:
             if (lam, tau) != (DISPERSIVE.weight, DISPERSIVE.tau):
                 arms.append(Arm(f"disp-l2-lam{lam:g}-tau{tau:g}", disp=True, weight=lam, tau=tau))
     return arms
+
+
+def screen_arms(depth: int) -> list[Arm]:
+    """The first pass of the screen (experiments/digits/README.md): InfoNCE-L2 over tau on the last block, the
+    paper's JAX setting (lambda 0.5, tau 0.5, the block at depth // 4, i.e. index depth // 4 - 1), the middle
+    block, all blocks, the paper's other variants at its settings, and InfoNCE-L2 on layer-normalised features.
+    The second pass adds lambda in {0.05, 1} at the best tau (`lambda_arms`)."""
+    jax_block, mid_block = max(depth // 4 - 1, 0), depth // 2 - 1
+    specs = [
+        "infonce_l2+tau=0.25", "infonce_l2", "infonce_l2+tau=4", "infonce_l2+tau=16",
+        f"infonce_l2+lam=0.5+tau=0.5+blocks={jax_block}", f"infonce_l2+blocks={mid_block}", "infonce_l2+blocks=all",
+        "infonce_cosine+tau=0.5", "hinge", "covariance", "infonce_l2_ln",
+    ]  # fmt: skip
+    return [Arm.from_spec(s) for s in specs]
+
+
+def lambda_arms(tau: float) -> list[Arm]:
+    """The screen's second pass: InfoNCE-L2, last block, lambda 0.05 and 1 at `tau` (0.25 ran in the first)."""
+    return [Arm.from_spec(f"infonce_l2+lam={lam:g}+tau={tau:g}") for lam in (0.05, 1.0)]
 
 
 @dataclass(frozen=True)
@@ -142,6 +204,13 @@ class DigitsConfig:
     cfg_scale: float = option(1.0, "classifier-free guidance scale of the samples (1: none)", check=at_least(1.0))
     noise_seed: int = option(20250609, "seed of the initial noise, shared by every arm, seed and checkpoint")
     reference: str = option("holdout", "real images of the reference statistics: holdout or all", choices=REFERENCES)
+    model: str = option("SiT-T/2", "model preset (SiT-T/2: the demo's; SiT-S/2 or B/2 on a GPU)")
+    arms: tuple[str, ...] | None = option(
+        None, "arms to run, comma-separated specs: baseline, dispersive, dispersive_cosine, or a variant with "
+        "+key=value settings, e.g. infonce_l2+tau=4+blocks=all (keys lam, tau, blocks with / for ',', margin) "
+        "(default: baseline,dispersive,dispersive_cosine)", parse=lambda text: tuple(text.split(",")),
+    )  # fmt: skip
+    screen: bool = option(False, "run the screen: the baseline, screen_arms, then lambda 0.05 and 1 at the best tau")
     grid: bool = option(False, "also run the other dispersive variants and an InfoNCE-L2 lambda x tau grid")
     grid_lambdas: tuple[float, ...] = option((0.25, 0.5, 1.0), "lambdas of the --grid (InfoNCE-L2)", parse=float_list)
     grid_taus: tuple[float, ...] = option((0.5, 1.0, 2.0), "taus of the --grid (InfoNCE-L2)", parse=float_list)
@@ -161,16 +230,26 @@ class DigitsConfig:
             raise ConfigError(f"--steps {self.steps} must be a multiple of --evals {self.evals} (checkpoint spacing)")
         if self.image_size % 2:
             raise ConfigError(f"--image-size must be even (the demo model's patch size is 2), got {self.image_size}")
+        self.arm_list()  # every --arms spec parses
         if self.classifier.image_size != self.image_size:
             raise ConfigError(
                 f"the classifier reads {self.classifier.image_size} px images but the samples are {self.image_size} px"
             )
 
-    def arms(self) -> list[Arm]:
-        """Baseline and dispersive, then the grid's arms with --grid."""
-        return [BASELINE, DISPERSIVE, DISPERSIVE_COSINE] + (
-            grid_arms(self.grid_lambdas, self.grid_taus) if self.grid else []
-        )
+    def arm_list(self) -> list[Arm]:
+        """--arms (the baseline first), else baseline, dispersive, dispersive_cosine; the grid's arms with --grid,
+        the screen's first pass with --screen."""
+        arms = [Arm.from_spec(s) for s in self.arms] if self.arms else [BASELINE, DISPERSIVE, DISPERSIVE_COSINE]
+        if self.grid:
+            arms += grid_arms(self.grid_lambdas, self.grid_taus)
+        if self.screen:
+            from disploss.models import parse_model_name
+
+            arms += screen_arms(parse_model_name(self.model)[0])
+        unique: dict[str, Arm] = {}
+        for arm in [BASELINE, *arms]:  # one arm per recipe: 'dispersive' and 'infonce_l2' are the same runs
+            unique.setdefault(arm.spec(), arm)
+        return list(unique.values())
 
     def eval_steps(self) -> list[int]:
         """The steps whose checkpoints are scored."""
@@ -199,9 +278,10 @@ def train_config(cfg: DigitsConfig, arm: Arm, seed: int):
     tc = dataclasses.replace(
         base, image_size=cfg.image_size, global_batch_size=cfg.batch_size, ema_decay=cfg.ema_decay,
         ckpt_every=cfg.steps // cfg.evals, sample_every=0, log_every=max(1, min(100, cfg.steps // 10)),
-        disp_variant=arm.variant, disp_weight=arm.weight, disp_tau=arm.tau,
+        disp_variant=arm.variant, disp_weight=arm.weight, disp_tau=arm.tau, disp_block=arm.blocks,
+        disp_margin=arm.margin, model=cfg.model,
     )  # fmt: skip
     settings = {k: v for k, v in dataclasses.asdict(tc).items() if k not in ("results_dir", "ckpt", "device")}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    results_dir = cfg.resolved_runs_dir() / arm.name / f"seed{seed}-{key}"
+    results_dir = cfg.resolved_runs_dir() / arm.spec() / f"seed{seed}-{key}"
     return dataclasses.replace(tc, results_dir=str(results_dir), ckpt="latest")

@@ -10,6 +10,8 @@ import numpy as np
 
 from disploss.tools.digits.config import METRICS
 
+DIAG_STATS = ("rms", "unsaturated", "effective_rank")
+
 
 def mean_std(values: list[float]) -> dict:
     arr = np.asarray(values, dtype=np.float64)
@@ -56,7 +58,7 @@ def render_markdown(results: dict) -> str:
     lines = [
         "# Dispersive loss vs baseline on the bundled digits",
         "",
-        f"SiT-T/2 (the demo model) at {s['image_size']}x{s['image_size']} px, {s['steps']} steps, batch {s['batch_size']}, "
+        f"{s.get('model', 'SiT-T/2')} at {s['image_size']}x{s['image_size']} px, {s['steps']} steps, batch {s['batch_size']}, "
         f"EMA {s['ema_decay']}, seeds {', '.join(map(str, s['seeds']))}. Samples: {s['num_samples']} per checkpoint "
         f"(class-balanced, fixed noise seed {s['noise_seed']}), Heun ODE with {s['sample_steps']} grid points, "
         f"cfg scale {s['cfg_scale']:g}, EMA weights. Features: penultimate layer of a digit CNN "
@@ -67,8 +69,9 @@ def render_markdown(results: dict) -> str:
         "",
         f"## At step {final} (mean ± std over seeds; std with ddof 1)",
         "",
-        "| arm | recipe | feature-FID ↓ | precision ↑ | recall ↑ | class accuracy ↑ | final flow loss |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | recipe | feature-FID ↓ | Δ FID vs baseline | precision ↑ | recall ↑ | class accuracy ↑ | "
+        "final flow loss | disp | rms | unsaturated | eff. rank |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, arm in arms.items():
         row = next((r for r in arm["summary"] if r["step"] == final), None)
@@ -76,10 +79,23 @@ def render_markdown(results: dict) -> str:
             continue
         flows = [r["final_flow_loss"] for r in arm["runs"] if r.get("final_flow_loss") is not None]
         flow = fmt(mean_std(flows), 4) if flows else "-"
+        delta = next((fmt(r["fid"]) for r in arm.get("paired_vs_baseline", []) if r["step"] == final), "-")
+        disp = [r["final_disp_loss"] for r in arm["runs"] if arm["disp"] and r.get("final_disp_loss") is not None]
+        diag = {k: [r["final_diag"][k] for r in arm["runs"] if k in r.get("final_diag", {})] for k in DIAG_STATS}
+        cells = [fmt(mean_std(v), 3) if v else "-" for v in diag.values()]
         lines.append(
-            f"| {name} | {arm['recipe']} | {fmt(row['fid'])} | {fmt(row['precision'], 3)} | "
-            f"{fmt(row['recall'], 3)} | {fmt(row['class_accuracy'], 3)} | {flow} |"
+            f"| {name} | {arm['recipe']} | {fmt(row['fid'])} | {delta} | {fmt(row['precision'], 3)} | "
+            f"{fmt(row['recall'], 3)} | {fmt(row['class_accuracy'], 3)} | {flow} | "
+            f"{fmt(mean_std(disp), 3) if disp else '-'} | {' | '.join(cells)} |"
         )
+    lines += [
+        "",
+        "Δ FID: the arm minus the baseline of the same seed (same initialisation and data order), mean ± std over "
+        "seeds; negative is better. disp: the final dispersive value (InfoNCE-L2 lies in [-log B, 0]). rms, "
+        "unsaturated, eff. rank: disploss.dispersive.dispersion_stats of the regularised blocks at the last step "
+        "(for the baseline, of the last block, which it does not regularise): the representations' scale, the share "
+        "of pairs the InfoNCE terms still pull apart, and how many directions the batch spans.",
+    ]
     lines += ["", "## feature-FID by step (mean ± std over seeds)", ""]
     names = list(arms)
     lines += ["| step | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]

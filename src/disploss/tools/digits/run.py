@@ -48,6 +48,36 @@ def _last_metrics(run_dir: Path) -> dict:
     return rows[-1] if rows else {}
 
 
+def _mean_diagnostics(row: dict) -> dict[str, float]:
+    """The dispersion stats of a metrics.jsonl row ('diag/blocks.5/rms', ...), averaged over the blocks."""
+    stats: dict[str, list[float]] = {}
+    for key, value in row.items():
+        if key.startswith("diag/") and isinstance(value, (int, float)):
+            stats.setdefault(key.rsplit("/", 1)[1], []).append(float(value))
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def run_screen(cfg: DigitsConfig, log=print) -> dict:
+    """The screen (experiments/digits/README.md): the first pass (baseline and screen_arms), then InfoNCE-L2 with
+    lambda 0.05 and 1 at the tau whose last-block arm scored the lowest final feature-FID; one results.json with
+    every arm (the first pass's runs are reused, not trained again)."""
+    from disploss.tools.digits.config import Arm, lambda_arms
+
+    screen = dataclasses.replace(cfg, screen=True)
+    first = run_digits(screen, log)
+    names = {a.spec(): a.name for a in screen.arm_list()}
+    final = max(cfg.eval_steps())
+
+    def final_fid(tau: float) -> float:
+        arm = first["arms"][names[Arm.from_spec(f"infonce_l2+tau={tau:g}").spec()]]
+        return next(r["fid"]["mean"] for r in arm["summary"] if r["step"] == final)
+
+    best = min((0.25, 1.0, 4.0, 16.0), key=final_fid)
+    log(f"screen: best tau on the last block {best:g} (final feature-FID {final_fid(best):.2f}); lambda pass next")
+    extra = tuple(a.spec() for a in lambda_arms(best))
+    return run_digits(dataclasses.replace(screen, arms=(cfg.arms or ()) + extra), log)
+
+
 def run_digits(cfg: DigitsConfig, log=print) -> dict:
     """Train every arm and seed, score every checkpoint, write results.{json,md}, the plot and sample grids.
 
@@ -102,7 +132,7 @@ def _run_digits(cfg: DigitsConfig, log=print) -> dict:
     )
 
     labels, noise = sample_plan(cfg.num_samples, cfg.noise_seed, cfg.image_size)
-    arms = cfg.arms()
+    arms = cfg.arm_list()
     results: dict = {
         "schema": RESULTS_SCHEMA,
         "partial": True,
@@ -155,6 +185,7 @@ def _run_digits(cfg: DigitsConfig, log=print) -> dict:
             last = _last_metrics(run_dir)
             run["final_flow_loss"] = last.get("flow")
             run["final_disp_loss"] = last.get("disp")
+            run["final_diag"] = _mean_diagnostics(last)
             for step in cfg.eval_steps():
                 images, sw, sc = samples_for(cfg, run_dir, step, labels, noise)
                 run["sample_wall_s"] += sw
@@ -217,8 +248,8 @@ def _check_finite(results: dict) -> None:
 def _settings_dict(cfg: DigitsConfig) -> dict:
     d = dataclasses.asdict(cfg)
     d["runs_dir"] = str(cfg.resolved_runs_dir())
-    for k in ("seeds", "grid_lambdas", "grid_taus"):
-        d[k] = list(d[k])
+    for k in ("seeds", "grid_lambdas", "grid_taus", "arms"):
+        d[k] = None if d[k] is None else list(d[k])
     return d
 
 
