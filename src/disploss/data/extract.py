@@ -88,8 +88,11 @@ def extract_latents(cfg: ExtractConfig, info: distributed.DistInfo) -> bool:
         UsageError: a bad --out folder (another cache, not empty), a missing dataset or VAE.
     """
     from disploss.data.vae import load_vae
+    from disploss.fileio import check_folder_creatable
 
     out = Path(cfg.out)
+    # Before the VAE is loaded; every process stops if rank 0 cannot write there.
+    distributed.on_every_rank(lambda: check_folder_creatable(out, "--out") if info.is_main else None)
     dataset = ImageFolderDataset(
         cfg.data_path, cfg.image_size, num_classes=cfg.num_classes, on_bad_image=cfg.on_bad_image, flip=False,
         alpha=cfg.alpha,
