@@ -118,9 +118,6 @@ class StoppedByAnotherProcess(UsageError):
         super().__init__(message)
         self.rank = rank
 
-    def __reduce__(self):
-        return (type(self), (str(self), self.rank))
-
 
 def on_every_rank(fn: Callable[..., T], *args, **kwargs) -> T:
     """Call fn(*args, **kwargs) on every process; if it raises on any of them, raise on all of them.

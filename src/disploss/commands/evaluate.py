@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, metavar="JSON", help="also write the numbers to JSON")
     parser.add_argument("--ref-cache", type=Path, default=None, metavar="PATH",
                         help="cache the reference statistics and features in this .npz; reused while the reference "
-                             "is unchanged")  # fmt: skip
+                             "is unchanged (never written over a file that is not such a cache)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 

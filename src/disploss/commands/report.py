@@ -26,6 +26,7 @@ USER_ERRNOS = {
     errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
     errno.ENAMETOOLONG,
 }  # fmt: skip
+QUIET_EXIT_DELAY_S = 3.0  # how long a quiet process waits for the reporting one to exit first (under torchrun)
 
 
 def is_user_error(err: BaseException) -> bool:
@@ -60,9 +61,6 @@ def print_error(command: str, err: BaseException | str) -> None:
         # Let the reporting process exit first: torchrun then names it as the root cause of the failure (and
         # stops this one); the wait ends there, or after QUIET_EXIT_DELAY_S if it does not come.
         time.sleep(QUIET_EXIT_DELAY_S)
-
-
-QUIET_EXIT_DELAY_S = 3.0
 
 
 def write_launcher_error_file(line: str, later: bool = False) -> None:

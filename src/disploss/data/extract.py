@@ -108,19 +108,15 @@ def extract_latents(cfg: ExtractConfig, info: distributed.DistInfo) -> bool:
         "class_names": dataset.classes, "shard_size": cfg.shard_size, "num_shards": total, "dtype": cfg.dtype,
         "alpha": cfg.alpha, "data_path": os.path.abspath(cfg.data_path), "layout": fmt.LAYOUT,
     }  # fmt: skip
-    problem = None
-    if info.is_main:
-        try:
-            fmt.prepare_cache_folder(out, plan)
-        except OSError as err:
-            problem = f"cannot prepare --out {out}: {err}"
-        except Exception as err:  # sent to every rank below, then raised there
-            problem = err
-    problem = distributed.broadcast_object(problem)
-    if isinstance(problem, Exception):
-        raise problem
-    if problem:
-        raise ConfigError(problem)
+
+    def prepare() -> None:  # rank 0; its error stops every process and is printed once
+        if info.is_main:
+            try:
+                fmt.prepare_cache_folder(out, plan)
+            except OSError as err:
+                raise ConfigError(f"cannot prepare --out {out}: {err}") from err
+
+    distributed.on_every_rank(prepare)
 
     missing = set(fmt.missing_shards(out, count, cfg.shard_size))
     todo = [k for k in range(info.rank, total, info.world_size) if k in missing]

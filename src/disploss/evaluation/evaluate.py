@@ -196,7 +196,8 @@ def evaluate(
         batch_size: images per Inception forward pass.
         device: "auto", "cpu" or "cuda".
         ref_cache: .npz to cache the reference statistics and features in, reused while the reference file
-            (size, mtime) and the weights are unchanged.
+            (size, mtime) and the weights are unchanged; it is never written over an input or over a file that
+            is not such a cache (a ConfigError before any work).
         progress: show progress bars.
 
     Returns:

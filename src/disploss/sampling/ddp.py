@@ -318,17 +318,16 @@ def sample_to_npz(cfg: SampleDDPConfig, info, log: Callable[[str], None] = print
     folder = Path(cfg.sample_dir) / folder_name(config)
     npz_path = folder.with_name(folder.name + ".npz")
 
-    plan: dict = {}
-    if info.is_main:
+    def prepare() -> list[int] | None:  # rank 0; its error stops every process and is printed once
+        if not info.is_main:
+            return None
         log(describe(sm))
         try:
-            plan = {"missing": prepare_folder(folder, npz_path, config)}
-        except (ConfigError, OSError) as err:
-            plan = {"error": err if isinstance(err, ConfigError) else ConfigError(str(err))}
-    plan = dist.broadcast_object(plan)
-    if "error" in plan:
-        raise plan["error"]
-    missing: list[int] = plan["missing"]
+            return prepare_folder(folder, npz_path, config)
+        except OSError as err:
+            raise ConfigError(f"cannot prepare the sample folder {folder}: {err}") from err
+
+    missing: list[int] = dist.broadcast_object(dist.on_every_rank(prepare))
     if info.is_main:
         done = cfg.num_fid_samples - len(missing)
         log(f"{folder}: {done} of {cfg.num_fid_samples} images present, sampling {len(missing)} on "
@@ -358,7 +357,7 @@ def sample_to_npz(cfg: SampleDDPConfig, info, log: Callable[[str], None] = print
             info.world_size, rank_log,
         )  # fmt: skip
         bar.close()
-        sampled = int(dist.all_reduce_sum(torch.tensor(float(sampled))))
+        sampled = int(dist.all_reduce_sum(torch.tensor(float(sampled), device=info.device)))  # NCCL: on the GPU
         dist.barrier()  # every rank has written its share, and no image is missing or claimed
         if not info.is_main:
             return None
