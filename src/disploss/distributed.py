@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from disploss.errors import UsageError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,43 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+class StoppedByAnotherProcess(UsageError):
+    """Raised by `on_every_rank` on the processes whose error (or success) another process reports: the
+    commands print nothing for it, so that a mistake made on every process is printed once."""
+
+    def __init__(self, message: str, rank: int):
+        super().__init__(message)
+        self.rank = rank
+
+
+def on_every_rank(fn: Callable[..., T], *args, **kwargs) -> T:
+    """Call fn(*args, **kwargs) on every process; if it raises on any of them, raise on all of them.
+
+    The lowest failing rank raises its own exception (which the command prints); the others raise
+    StoppedByAnotherProcess, which the commands do not print. So a mistake every process finds (a flag, the
+    data folder, an unreachable hub, a run folder rank 0 could not create) is reported once, and no process
+    goes on into a collective that the failed ones never join. Every process must call it at the same point
+    (it is a collective). In one process it is fn itself.
+    """
+    if not is_initialized() or get_world_size() == 1:
+        return fn(*args, **kwargs)
+    error: BaseException | None = None
+    result = None
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as err:
+        error = err
+    summaries: list = [None] * get_world_size()
+    dist.all_gather_object(summaries, None if error is None else f"{type(error).__name__}: {error}")
+    failed = [rank for rank, summary in enumerate(summaries) if summary is not None]
+    if not failed:
+        return result
+    first = failed[0]
+    if first == get_rank():
+        raise error
+    raise StoppedByAnotherProcess(f"stopped: process {first} failed ({summaries[first]})", first) from error
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:

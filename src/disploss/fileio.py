@@ -1,4 +1,8 @@
-"""Atomic file writes: every file a run writes goes through here, so no reader ever sees half a file."""
+"""Atomic file writes: every file a run writes goes through here, so no reader ever sees half a file.
+
+Also the checks made before expensive work, which create nothing: that an output folder could be created and
+written into, and that an output file would neither fail to be written nor overwrite an input.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from disploss.errors import UsageError
 
 
 @contextlib.contextmanager
@@ -58,3 +64,70 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON to `path` atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+class OutputPathError(UsageError, OSError):
+    """An output path that could not be written, or that names an input; the message names the flag."""
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
+
+
+def check_folder_creatable(folder: str | os.PathLike, flag: str = "") -> Path:
+    """Fail now, creating nothing, when `folder` could not be created (with its missing parents) and written into.
+
+    A probe file is created and removed in the nearest existing folder, so read-only mounts are caught (and,
+    unlike `os.access`, this is right when running as root).
+
+    Args:
+        folder: the folder a command will create or write into.
+        flag: what named it, shown beside it in the message (e.g. "--results-dir").
+    Returns:
+        The nearest existing folder (`folder` itself when it exists), e.g. for `shutil.disk_usage`.
+    Raises:
+        OutputPathError: naming the folder, and what is in the way.
+    """
+    folder = Path(folder)
+    label = f"{folder} ({flag})" if flag else str(folder)
+    anchor = folder
+    while not os.path.lexists(anchor) and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise OutputPathError(f"cannot create the folder {label}: Not a directory ({anchor} is a file)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=anchor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        if anchor == folder:
+            raise OutputPathError(f"cannot write into the folder {label}: {reason}") from err
+        raise OutputPathError(f"cannot create the folder {label}: {reason} (in {anchor})") from err
+    return anchor
+
+
+def check_output_file(path: str | os.PathLike, flag: str, inputs: dict[str, Any] | None = None) -> None:
+    """Fail now, before the work whose result goes to `path`, when it could not be written there or would
+    overwrite an input.
+
+    Args:
+        path: the file a command will write (atomically, at the end).
+        flag: the flag that named it, e.g. "--out".
+        inputs: {description: path or None} of the command's input files, e.g. {"reference batch": ref}.
+    Raises:
+        OutputPathError: `path` is one of the inputs, an existing folder, or its folder cannot be created or
+            written into.
+    """
+    path = Path(path)
+    for what, other in (inputs or {}).items():
+        if other is not None and _same_file(path, Path(other)):
+            raise OutputPathError(
+                f"{flag} {path} is the {what}: writing it would overwrite an input; choose another path"
+            )
+    if path.is_dir():
+        raise OutputPathError(f"{flag} {path} is a folder; give the name of a file to write")
+    check_folder_creatable(path.parent, f"for {flag} {path}")

@@ -23,13 +23,13 @@ import torch
 from disploss.checkpoint.io import (
     PLAIN_SCALARS,
     UnsafeCheckpointError,
-    _unpickler_reason,
+    _refusal_reason,
     load_checkpoint,
     save_checkpoint,
 )
 from disploss.checkpoint.sit import describe_config, load_sit_weights, select_weights
 from disploss.errors import ConfigError, MissingFileError
-from disploss.fileio import atomic_path
+from disploss.fileio import atomic_path, check_output_file
 
 
 def to_plain(obj: Any, where: str = "state", notes: list[str] | None = None) -> Any:
@@ -157,7 +157,7 @@ def _load_trusted(path: Path, trust: bool) -> Any:
         return load_checkpoint(path)
     except UnsafeCheckpointError as err:
         if not trust:
-            reason = _unpickler_reason(str(err.__cause__)) if err.__cause__ else "pickled Python objects"
+            reason = _refusal_reason(path, err.__cause__)
             raise UnsafeCheckpointError(
                 f"{path} is not a plain checkpoint ({reason}). Converting it means loading it with "
                 "weights_only=False, which can execute arbitrary code stored in the file, so it was refused for "
@@ -204,6 +204,7 @@ def convert_checkpoint(
         raise MissingFileError(f"{src}: no such checkpoint file")
     if src.resolve() == dst.resolve():
         raise ConfigError(f"IN and OUT are the same file ({src}); choose another OUT")
+    check_output_file(dst, "OUT", {"input checkpoint IN": src})  # before loading (and, with --trust, running) IN
     notes: list[str] = []
     plain = to_plain(_load_trusted(src, trust), "state", notes)
     if to_safetensors or (to_safetensors is None and dst.suffix == ".safetensors"):

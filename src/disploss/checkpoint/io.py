@@ -107,6 +107,104 @@ def _unpickler_reason(message: str) -> str:
     return reason or "refused by the weights-only unpickler"
 
 
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
+_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+def _pickle_streams(path: Path) -> list:
+    # The object pickle of a torch zip archive (`*/data.pkl`), or the file itself (a legacy torch file or a raw
+    # pickle: genops reads one pickle up to its STOP, so its leading pickles are read in turn).
+    import io
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return [io.BytesIO(archive.read(n)) for n in archive.namelist() if n.endswith("data.pkl")]
+    return [open(path, "rb")]
+
+
+def pickled_globals(path: str | os.PathLike, max_pickles: int = 4) -> list[str]:
+    """The `module.name` of every global (class or function) a checkpoint's pickle refers to, in order.
+
+    Read with pickletools, which only decodes the opcodes: nothing in the file is imported or run.
+
+    Args:
+        path: a torch checkpoint (zip archive or legacy file) or a raw pickle.
+        max_pickles: consecutive pickles read from a legacy file (magic number, protocol, system info, object).
+    Returns:
+        The names, each once, e.g. ["collections.OrderedDict", "torch._utils._rebuild_tensor_v2",
+        "argparse.Namespace"].
+    """
+    import pickletools
+
+    names: list[str] = []
+    for stream in _pickle_streams(Path(path)):
+        with stream:
+            for _ in range(max_pickles):
+                memo: dict = {}
+                recent: list = []  # the last pushed strings, for STACK_GLOBAL (protocol 4+)
+                try:
+                    for op, arg, _pos in pickletools.genops(stream):
+                        if op.name == "GLOBAL":
+                            names.append(_python3_name(*arg.split(" ", 1)))
+                        elif op.name == "STACK_GLOBAL" and len(recent) >= 2:
+                            names.append(f"{recent[-2]}.{recent[-1]}")
+                        if op.name in _STRING_OPS:
+                            recent.append(arg)
+                        elif op.name in _GET_OPS:
+                            recent.append(memo.get(arg))
+                        elif op.name == "MEMOIZE":
+                            memo[len(memo)] = recent[-1] if recent else None
+                        elif op.name in _PUT_OPS:
+                            memo[arg] = recent[-1] if recent else None
+                        elif op.name not in ("FRAME", "PROTO"):
+                            recent.append(None)
+                except Exception:  # the end of the pickles, or bytes that are not a pickle: stop reading
+                    break
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def _python3_name(module: str, name: str) -> str:
+    # Protocol 2 pickles name Python 2 modules (__builtin__.long): the names unpickling maps them to.
+    import _compat_pickle
+
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+        module = _compat_pickle.IMPORT_MAPPING[module]
+    return f"{module}.{name}"
+
+
+def refused_globals(path: str | os.PathLike) -> list[str]:
+    """The globals of a checkpoint that `torch.load(weights_only=True)` refuses (its allow-list, plus the ones
+    added with torch.serialization.add_safe_globals), e.g. ["argparse.Namespace"]."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals, _get_user_allowed_globals
+
+        allowed = set(_get_allowed_globals()) | set(_get_user_allowed_globals())
+    except (ImportError, AttributeError):  # another torch: its documented defaults, roughly
+        allowed = {"collections.OrderedDict", "collections.Counter", "_codecs.encode", "builtins.set"}
+    refused = []
+    for name in pickled_globals(path):
+        if name in allowed or (not allowed and name.startswith("torch.")):
+            continue
+        refused.append(name)
+    return refused
+
+
+def _refusal_reason(path: Path, err: BaseException | None) -> str:
+    """What the weights-only loader refused in `path`: the refused globals by name, else torch's own reason."""
+    try:
+        refused = refused_globals(path)
+    except OSError:
+        refused = []
+    if refused:
+        shown = ", ".join(refused[:4]) + (f" and {len(refused) - 4} more" if len(refused) > 4 else "")
+        return f"refused global{'s' if len(refused) > 1 else ''}: {shown}"
+    return _unpickler_reason(str(err)) if err is not None else "pickled Python objects"
+
+
 def _looks_like_pickle_container(path: Path) -> bool:
     # A torch zip archive or a raw/legacy pickle (protocol >= 2 starts with 0x80): a refusal by the weights-only
     # unpickler then means "carries code"; for anything else it means "not a checkpoint".
@@ -149,7 +247,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             raise CorruptCheckpointError(f"{path} is not a PyTorch checkpoint ({_unpickler_reason(str(err))})") from err
         raise UnsafeCheckpointError(
             f"{path} is not a plain checkpoint: it holds pickled Python objects "
-            f"({_unpickler_reason(str(err))}), and loading it could run code, so it was refused for safety. "
+            f"({_refusal_reason(path, err)}), and loading it could run code, so it was refused for safety. "
             f"If you TRUST where the file comes from, convert it once with:\n"
             f"    disploss convert-checkpoint {path} {path.with_name(path.stem + '-plain.pt')} --trust\n"
             f"(usage: {CONVERT_COMMAND}) and use the converted file."

@@ -15,11 +15,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     def go() -> int:
-        from disploss.fileio import atomic_write_json
+        from disploss.fileio import atomic_write_json, check_output_file
         from disploss.tools.bench.harness import log
         from disploss.tools.bench.sections import bench
 
         cfg = config_from_namespace(BenchConfig, args).resolved()
+        if cfg.json:
+            check_output_file(cfg.json, "--json")  # before minutes of benchmarks
         report = bench(cfg)
         if cfg.json:
             atomic_write_json(cfg.json, report)

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, metavar="JSON", help="also write the numbers to JSON")
     parser.add_argument("--ref-cache", type=Path, default=None, metavar="PATH",
                         help="cache the reference statistics and features in this .npz; reused while the reference "
-                             "is unchanged")  # fmt: skip
+                             "is unchanged (never written over a file that is not such a cache)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
@@ -31,8 +31,14 @@ def _show(value: float | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     def go() -> int:
-        from disploss.fileio import atomic_write_json
+        from disploss.fileio import atomic_write_json, check_output_file
 
+        if args.out is not None:  # before the Inception features, and never over an input
+            inputs = {
+                "reference batch": args.ref_batch, "sample batch": args.sample_batch,
+                "Inception weights file": args.inception_weights, "--ref-cache file": args.ref_cache,
+            }  # fmt: skip
+            check_output_file(args.out, "--out", inputs)
         result = evaluate(
             args.ref_batch, args.sample_batch, weights_path=args.inception_weights, batch_size=args.batch_size,
             device=args.device, ref_cache=args.ref_cache, progress=not args.no_progress,

@@ -1,7 +1,8 @@
 """`disploss train` / `torchrun train.py`: flags generated from TrainConfig; the library's `train()` does the work.
 
 Exit status: 0 when done; 2 and one line `disploss train: error: ...` for a user error (flags, data, checkpoint,
-run folder, disk); 1 for a non-finite loss; anything else keeps its traceback.
+run folder, disk); 1 for a non-finite loss; anything else keeps its traceback. Under torchrun a mistake every
+process finds is printed once (see disploss.commands.report).
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from disploss import distributed as dist
+
     def go() -> int:
         try:
             train(config_from_namespace(TrainConfig, args))
         except NonFiniteError as err:
             print_error("train", err)
             return 1
+        finally:
+            dist.cleanup()  # a process that exits with its process group alive aborts ("terminate called ...")
         return 0
 
     return guarded("train", go)

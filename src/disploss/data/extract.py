@@ -88,8 +88,11 @@ def extract_latents(cfg: ExtractConfig, info: distributed.DistInfo) -> bool:
         UsageError: a bad --out folder (another cache, not empty), a missing dataset or VAE.
     """
     from disploss.data.vae import load_vae
+    from disploss.fileio import check_folder_creatable
 
     out = Path(cfg.out)
+    # Before the VAE is loaded; every process stops if rank 0 cannot write there.
+    distributed.on_every_rank(lambda: check_folder_creatable(out, "--out") if info.is_main else None)
     dataset = ImageFolderDataset(
         cfg.data_path, cfg.image_size, num_classes=cfg.num_classes, on_bad_image=cfg.on_bad_image, flip=False,
         alpha=cfg.alpha,
@@ -105,19 +108,15 @@ def extract_latents(cfg: ExtractConfig, info: distributed.DistInfo) -> bool:
         "class_names": dataset.classes, "shard_size": cfg.shard_size, "num_shards": total, "dtype": cfg.dtype,
         "alpha": cfg.alpha, "data_path": os.path.abspath(cfg.data_path), "layout": fmt.LAYOUT,
     }  # fmt: skip
-    problem = None
-    if info.is_main:
-        try:
-            fmt.prepare_cache_folder(out, plan)
-        except OSError as err:
-            problem = f"cannot prepare --out {out}: {err}"
-        except Exception as err:  # sent to every rank below, then raised there
-            problem = err
-    problem = distributed.broadcast_object(problem)
-    if isinstance(problem, Exception):
-        raise problem
-    if problem:
-        raise ConfigError(problem)
+
+    def prepare() -> None:  # rank 0; its error stops every process and is printed once
+        if info.is_main:
+            try:
+                fmt.prepare_cache_folder(out, plan)
+            except OSError as err:
+                raise ConfigError(f"cannot prepare --out {out}: {err}") from err
+
+    distributed.on_every_rank(prepare)
 
     missing = set(fmt.missing_shards(out, count, cfg.shard_size))
     todo = [k for k in range(info.rank, total, info.world_size) if k in missing]

@@ -9,7 +9,11 @@ diffusers is imported inside `load_vae`, so importing this module is light and w
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,12 +22,45 @@ from disploss.errors import ConfigError, HubUnavailableError, MissingFileError
 
 # --vae keywords of the reference and the hub repositories they name.
 HUB_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+HUB_VAE_GEOMETRY = (4, 8)  # both: 4 latent channels, downsampling factor 8 (4 blocks)
 DEFAULT_SCALE = 0.18215
 
 
 def _nearby_multiples(value: int, factor: int) -> list[int]:
     below = (value // factor) * factor
     return [s for s in (below, below + factor) if s > 0]
+
+
+def latent_side(image_size: int, factor: int, spec: str) -> int:
+    """image_size / factor, or a ConfigError naming --image-size, the factor and the valid sizes nearby."""
+    if image_size < 1 or image_size % factor:
+        near = " or ".join(map(str, _nearby_multiples(image_size, factor)))
+        raise ConfigError(
+            f"--image-size {image_size} is not divisible by the VAE downsampling factor {factor} "
+            f"(--vae {spec}); valid sizes nearby: {near}"
+        )
+    return image_size // factor
+
+
+def vae_geometry(spec: str) -> tuple[int, int] | None:
+    """(latent channels, downsampling factor) of a --vae value, without loading any weights or using the network.
+
+    Known for 'none' (3, 1), 'ema' and 'mse' (4, 8), and a local folder (from its config.json); None for any other
+    hub id (only the hub knows).
+    """
+    if spec == "none":
+        return (3, 1)
+    if spec in HUB_VAES:
+        return HUB_VAE_GEOMETRY
+    path = Path(os.path.expanduser(spec))
+    for config in (path / "config.json", path / "vae" / "config.json"):
+        if config.is_file():
+            try:
+                data = json.loads(config.read_text())
+                return int(data["latent_channels"]), 2 ** (len(data["block_out_channels"]) - 1)
+            except (OSError, ValueError, KeyError, TypeError):
+                return None  # load_vae reports the folder
+    return None
 
 
 class LatentCodec:
@@ -59,14 +96,7 @@ class LatentCodec:
         Raises:
             ValueError: the downsampling factor does not divide image_size (names the nearby valid sizes).
         """
-        f = self.downsample_factor
-        if image_size < 1 or image_size % f:
-            near = " or ".join(map(str, _nearby_multiples(image_size, f)))
-            raise ConfigError(
-                f"--image-size {image_size} is not divisible by the VAE downsampling factor {f} "
-                f"(--vae {self.spec}); valid sizes nearby: {near}"
-            )
-        return image_size // f
+        return latent_side(image_size, self.downsample_factor, self.spec)
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         """(C, h, w) of the latents of image_size x image_size images."""
@@ -151,6 +181,10 @@ def _looks_like_hub_id(spec: str) -> bool:
 def load_vae(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LatentCodec:
     """Load the codec named by a --vae value.
 
+    A hub VAE is taken from the local Hugging Face cache when it is there (no network at all); otherwise one
+    request (HF_HUB_ETAG_TIMEOUT, 10 s by default, and no retries) tells whether the hub can be reached before
+    the download, so an offline machine gets its error at once instead of after the hub library's retries.
+
     Args:
         spec: "ema" or "mse" (stabilityai/sd-vae-ft-{ema,mse} from the Hugging Face hub or its local cache),
             "none" (pixel space, `IdentityCodec`), a local folder holding a saved AutoencoderKL (config.json
@@ -162,11 +196,11 @@ def load_vae(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype =
         A LatentCodec in eval mode without gradients.
     Raises:
         FileNotFoundError: spec is neither a keyword, an existing folder nor a hub id.
-        OSError: the hub id could not be fetched (offline, unknown id); the message suggests a local folder.
+        HubUnavailableError: the hub id is not cached and could not be fetched (offline, unknown id); the
+            message names --vae none and a local folder.
     """
     if spec == "none":
         return IdentityCodec(device, dtype)
-    from diffusers import AutoencoderKL
 
     path = Path(os.path.expanduser(spec))
     if spec not in HUB_VAES and path.is_dir():
@@ -178,7 +212,7 @@ def load_vae(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype =
                 f"--vae {spec}: the folder has no config.json (nor vae/config.json); "
                 "save the AutoencoderKL there with save_pretrained"
             )
-        vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder)
+        vae = _from_pretrained(path, subfolder=subfolder)
         return LatentCodec(vae.to(device=device, dtype=dtype), spec)
 
     hub_id = HUB_VAES.get(spec)
@@ -189,12 +223,50 @@ def load_vae(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype =
                 "AutoencoderKL, nor a hub id of the form owner/name"
             )
         hub_id = spec
+    unreachable = _hub_unreachable(hub_id)
     try:
-        vae = AutoencoderKL.from_pretrained(hub_id)
+        # Offline, only the local cache can have it: one look there, no download attempt and no retries.
+        vae = _from_pretrained(hub_id, local_files_only=unreachable is not None)
     except (OSError, ValueError) as e:
-        raise HubUnavailableError(
-            f"could not fetch the VAE {hub_id!r} from the Hugging Face hub (offline or unknown id: {e}). "
-            "Pass a local folder holding a saved AutoencoderKL to --vae instead (e.g. "
-            "AutoencoderKL.from_pretrained(...).save_pretrained(DIR) on a machine with network access)"
-        ) from e
+        raise _hub_error(spec, hub_id, unreachable or e) from e
     return LatentCodec(vae.to(device=device, dtype=dtype), spec)
+
+
+def _from_pretrained(name_or_path, **kwargs):
+    from diffusers import AutoencoderKL
+
+    # Without accelerate, diffusers would print advice to install it before every load; loading a VAE this size
+    # the plain way is what it falls back to anyway. huggingface_hub warns about an argument diffusers passes.
+    kwargs.setdefault("low_cpu_mem_usage", importlib.util.find_spec("accelerate") is not None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        return AutoencoderKL.from_pretrained(name_or_path, **kwargs)
+
+
+def _hub_unreachable(hub_id: str) -> str | None:
+    """None when the hub answers for hub_id, else why not; one HEAD request without retries (the hub library's
+    own download retries for about 30 s when offline)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = huggingface_hub.hf_hub_url(hub_id, "config.json")
+    kwargs = {"timeout": constants.HF_HUB_ETAG_TIMEOUT}
+    if "retry_on_errors" in inspect.signature(huggingface_hub.get_hf_file_metadata).parameters:
+        kwargs["retry_on_errors"] = False
+    try:
+        huggingface_hub.get_hf_file_metadata(url, **kwargs)
+    except Exception as e:  # no connection, a timeout, an unknown or gated repository: cannot fetch it here
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _hub_error(spec: str, hub_id: str, cause) -> HubUnavailableError:
+    reason = " ".join(str(cause).split())[:300] or type(cause).__name__
+    return HubUnavailableError(
+        f"--vae {spec}: could not fetch the VAE {hub_id!r} from the Hugging Face hub, nor find it in the local cache "
+        f"({reason}). Without network access pass --vae DIR, a local folder holding a saved AutoencoderKL (run "
+        f"AutoencoderKL.from_pretrained({hub_id!r}).save_pretrained(DIR) where the hub is reachable), or --vae none "
+        "for a pixel-space model"
+    )

@@ -20,7 +20,7 @@ from disploss.errors import ConfigError, MissingFileError
 from disploss.evaluation import metrics
 from disploss.evaluation.inception import WEIGHTS_URL, InceptionFeatureExtractor
 from disploss.evaluation.npz import load_reference_batch, load_samples_npz
-from disploss.fileio import atomic_write
+from disploss.fileio import atomic_write, check_output_file
 
 Device = Literal["auto", "cpu", "cuda"]
 NEIGHBOURHOOD_K = 3  # ADM's k for the precision/recall manifolds
@@ -67,6 +67,37 @@ def _cache_key(ref_path: Path, weights_path: Path | None) -> str:
     weights = _file_identity(weights_path) if weights_path is not None else {"url": WEIGHTS_URL}
     key = {"version": CACHE_FORMAT_VERSION, "reference": _file_identity(ref_path), "weights": weights}
     return json.dumps(key, sort_keys=True)
+
+
+def _not_our_cache(cache_path: Path) -> str | None:
+    """None when cache_path is missing or a reference cache written by `_write_cache`, else what it is."""
+    if not cache_path.exists():
+        return None
+    try:
+        with np.load(cache_path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                return "a .npy array"
+            if "cache_key" not in data.files:
+                return f"an .npz with the keys {sorted(data.files)[:8]}"
+            key = json.loads(str(data["cache_key"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        return f"not a readable .npz: {error}"
+    if not (isinstance(key, dict) and "version" in key and "reference" in key):
+        return "an .npz whose cache_key is not ours"
+    return None
+
+
+def check_ref_cache(cache_path: Path, ref_path: Path, sample_path: Path, weights_path: Path | None) -> None:
+    """Before any work: --ref-cache can be written, is no input, and is missing or a cache of ours (so it is never
+    written over another file, e.g. the reference batch itself or another .npz)."""
+    inputs = {"reference batch": ref_path, "sample batch": sample_path, "Inception weights file": weights_path}
+    check_output_file(cache_path, "--ref-cache", inputs)
+    what = _not_our_cache(cache_path)
+    if what is not None:
+        raise ConfigError(
+            f"--ref-cache {cache_path} exists and is not a reference cache written by disploss evaluate ({what}); "
+            "it was left as it is: choose another path, or remove that file"
+        )
 
 
 def _read_cache(cache_path: Path, key: str) -> ReferenceStatistics | None:
@@ -165,7 +196,8 @@ def evaluate(
         batch_size: images per Inception forward pass.
         device: "auto", "cpu" or "cuda".
         ref_cache: .npz to cache the reference statistics and features in, reused while the reference file
-            (size, mtime) and the weights are unchanged.
+            (size, mtime) and the weights are unchanged; it is never written over an input or over a file that
+            is not such a cache (a ConfigError before any work).
         progress: show progress bars.
 
     Returns:
@@ -180,6 +212,8 @@ def evaluate(
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if not ref_path.is_file():
         raise MissingFileError(f"{ref_path}: no such reference batch")
+    if ref_cache is not None:  # before anything is read or computed
+        check_ref_cache(Path(ref_cache), ref_path, sample_path, weights_path)
     samples = load_samples_npz(sample_path)
     if len(samples) < NEIGHBOURHOOD_K + 1:
         raise ConfigError(

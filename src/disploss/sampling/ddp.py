@@ -22,8 +22,11 @@ batches two things can move a pixel by one level in rare places: float kernels d
 rows for different batch sizes, and adaptive ODE solvers (dopri5) choose one step size per batch.
 
 Resuming: a PNG is written atomically, so an existing one is complete. A (re)start lists the missing indices
-< --num-fid-samples, removes a stale .npz, and the ranks take interleaved shares of the missing indices; no
-index is sampled twice. After a barrier rank 0 checks that every image exists and writes the .npz atomically.
+< --num-fid-samples and removes a stale .npz; every process then claims blocks of 32 indices
+(disploss.sampling.claims: a file created with O_EXCL, taken over when its owner died) and samples their missing
+images, so no index is sampled twice, neither by the ranks of one launch nor by two launches on the same folder
+(two jobs of the same command share the work). When nothing is missing, rank 0 writes the .npz atomically,
+once: a launch that finds it written by another launch meanwhile leaves it as it is.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +45,13 @@ import torch
 from disploss.errors import ConfigError
 from disploss.options import at_least, check_options, option
 from disploss.runtime import PRECISIONS
+from disploss.sampling.claims import BLOCK_SIZE
 from disploss.sampling.config import REFERENCE_GUIDE_CHANNELS, GuidanceConfig, ModelSpec, SamplerConfig
 
 DEFAULT_VAE = "ema"  # the reference's sample_ddp.py default (its sample.py uses mse)
 CONFIG_FILE = "sample_config.json"
 STREAM_VERSION = 1  # bump if the per-image draws change, so that old folders are not silently extended
 _PNG_NAME = re.compile(r"^(\d{6,})\.png$")
-_TMP_NAME = re.compile(r"^\.\d{6,}\.png\..*\.tmp$")  # disploss.fileio's temporary files of a killed run
 # Settings recorded in sample_config.json that may change between runs of one folder (they do not change
 # which image an index gets, up to float rounding).
 _FREE_KEYS = ("ckpt", "per_proc_batch_size", "num_fid_samples", "world_size", "precision", "tf32")
@@ -81,16 +85,6 @@ class SampleDDPConfig:
             raise ConfigError(f"--precision {precision} contradicts --{'no-' if self.tf32 is False else ''}tf32")
         tf32 = precision != "fp32" if self.tf32 is None else self.tf32
         return precision, tf32
-
-
-DEFAULT_VAE = "ema"  # the reference's sample_ddp.py default (its sample.py uses mse)
-CONFIG_FILE = "sample_config.json"
-STREAM_VERSION = 1  # bump if the per-image draws change, so that old folders are not silently extended
-_PNG_NAME = re.compile(r"^(\d{6,})\.png$")
-_TMP_NAME = re.compile(r"^\.\d{6,}\.png\..*\.tmp$")  # disploss.fileio's temporary files of a killed run
-# Settings recorded in sample_config.json that may change between runs of one folder (they do not change
-# which image an index gets, up to float rounding).
-_FREE_KEYS = ("ckpt", "per_proc_batch_size", "num_fid_samples", "world_size", "precision", "tf32")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,8 +228,9 @@ def _check_config(folder: Path, config: dict) -> None:
 
 
 def prepare_folder(folder: Path, npz_path: Path, config: dict) -> list[int]:
-    """Rank 0, before sampling: create the folder, check / write sample_config.json, remove the temporary files
-    of a killed run and a stale .npz; return the missing indices."""
+    """Rank 0, before sampling: create the folder, check / write sample_config.json and remove a stale .npz;
+    return the missing indices. (The temporary files of a killed run are removed by whoever claims their block:
+    another launch may be writing its own right now.)"""
     from disploss.fileio import atomic_write_json
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -246,9 +241,6 @@ def prepare_folder(folder: Path, npz_path: Path, config: dict) -> list[int]:
             file=sys.stderr,
         )
     atomic_write_json(folder / CONFIG_FILE, config)
-    for entry in folder.iterdir():
-        if _TMP_NAME.match(entry.name):
-            entry.unlink(missing_ok=True)
     missing = missing_indices(folder, config["num_fid_samples"])
     if missing and npz_path.exists():
         npz_path.unlink()  # it no longer describes a complete folder: it would be rebuilt anyway
@@ -303,14 +295,19 @@ def sample_to_npz(cfg: SampleDDPConfig, info, log: Callable[[str], None] = print
     from tqdm import tqdm
 
     from disploss import distributed as dist
+    from disploss.fileio import check_folder_creatable
     from disploss.imageio import save_png, to_uint8
     from disploss.runtime import set_precision
+    from disploss.sampling.claims import Claims
     from disploss.sampling.config import sampler_fn
     from disploss.sampling.guidance import cfg_batch, check_guidance, guided_model_fn
     from disploss.sampling.load import describe, load_for_sampling
 
+    started = time.time()
     g = cfg.guidance
     precision, tf32 = cfg.resolved_precision()
+    # Before the checkpoint and the VAE are loaded; every process stops if rank 0 cannot write there.
+    dist.on_every_rank(lambda: check_folder_creatable(cfg.sample_dir, "--sample-dir") if info.is_main else None)
     set_precision(precision)
     torch.backends.cuda.matmul.allow_tf32 = tf32  # --tf32 / --no-tf32 win over the precision's default
     torch.backends.cudnn.allow_tf32 = tf32
@@ -321,27 +318,26 @@ def sample_to_npz(cfg: SampleDDPConfig, info, log: Callable[[str], None] = print
     folder = Path(cfg.sample_dir) / folder_name(config)
     npz_path = folder.with_name(folder.name + ".npz")
 
-    plan: dict = {}
-    if info.is_main:
+    def prepare() -> list[int] | None:  # rank 0; its error stops every process and is printed once
+        if not info.is_main:
+            return None
         log(describe(sm))
         try:
-            plan = {"missing": prepare_folder(folder, npz_path, config)}
-        except (ConfigError, OSError) as err:
-            plan = {"error": err if isinstance(err, ConfigError) else ConfigError(str(err))}
-    plan = dist.broadcast_object(plan)
-    if "error" in plan:
-        raise plan["error"]
-    missing: list[int] = plan["missing"]
-    share = missing[info.rank :: info.world_size]
+            return prepare_folder(folder, npz_path, config)
+        except OSError as err:
+            raise ConfigError(f"cannot prepare the sample folder {folder}: {err}") from err
+
+    missing: list[int] = dist.broadcast_object(dist.on_every_rank(prepare))
     if info.is_main:
         done = cfg.num_fid_samples - len(missing)
         log(f"{folder}: {done} of {cfg.num_fid_samples} images present, sampling {len(missing)} on "
             f"{info.world_size} process(es), {cfg.per_proc_batch_size} per batch")  # fmt: skip
 
     model, latent_shape = sm.model, sm.settings["latent_shape"]
-    bar = tqdm(total=len(share), disable=not info.is_main, unit="img", desc=f"sampling (rank 0 of {info.world_size})")
-    for start in range(0, len(share), cfg.per_proc_batch_size):
-        indices = share[start : start + cfg.per_proc_batch_size]
+    share = -(-len(missing) // info.world_size)  # about what each process samples (the blocks are claimed)
+    bar = tqdm(total=share, disable=not info.is_main, unit="img", desc=f"sampling (rank 0 of {info.world_size})")
+
+    def sample_batch(indices: list[int]) -> None:
         generators = [image_generator(cfg.global_seed, i) for i in indices]
         z, y = draw_inputs(generators, latent_shape, model.num_classes)  # (B, C, h, w), (B,)
         z, y = z.to(info.device), y.to(info.device)
@@ -353,17 +349,123 @@ def sample_to_npz(cfg: SampleDDPConfig, info, log: Callable[[str], None] = print
         for index, pixels in zip(indices, to_uint8(images, g.pixel_conversion)):
             save_png(pixels, folder / f"{index:06d}.png")
         bar.update(len(indices))
-    bar.close()
 
-    dist.barrier()  # every rank has written its share
-    if not info.is_main:
+    rank_log = log if info.is_main else (lambda message: None)
+    with Claims(folder) as claims:
+        sampled = sample_claimed(
+            folder, cfg.num_fid_samples, claims, sample_batch, cfg.per_proc_batch_size, info.rank,
+            info.world_size, rank_log,
+        )  # fmt: skip
+        bar.close()
+        sampled = int(dist.all_reduce_sum(torch.tensor(float(sampled), device=info.device)))  # NCCL: on the GPU
+        dist.barrier()  # every rank has written its share, and no image is missing or claimed
+        if not info.is_main:
+            return None
+        log(f"sampled {sampled} images in this launch")
+        return _write_npz_once(folder, cfg.num_fid_samples, npz_path, sm.settings["image_size"], claims, started, log)
+
+
+POLL_S = 2.0  # seconds between looks at blocks that other processes hold
+
+
+def sample_claimed(
+    folder: Path, num: int, claims, sample_batch: Callable[[list[int]], None], batch_size: int, rank: int = 0,
+    world_size: int = 1, log: Callable[[str], None] = print,
+) -> int:  # fmt: skip
+    """Sample every missing index < num, a claimed block at a time (disploss.sampling.claims), until none is
+    missing: blocks that other live processes hold are waited for, stale ones taken over.
+
+    Args:
+        folder: the sample folder.
+        num: --num-fid-samples.
+        claims: this process's `Claims` on the folder.
+        sample_batch: samples and writes the PNGs of a list of at most batch_size indices.
+        batch_size: --per-proc-batch-size.
+        rank, world_size: this process in its launch (its ranks start on different blocks).
+        log: progress lines (waiting for others).
+    Returns:
+        The number of images this process sampled.
+    """
+    sampled, waiting = 0, False
+    while True:
+        missing = missing_indices(folder, num)  # one listing per pass over the folder
+        if not missing:
+            return sampled
+        blocks = sorted({i // BLOCK_SIZE for i in missing})
+        first = rank * len(blocks) // world_size
+        pending = iter(blocks[first:] + blocks[:first])
+        progressed = False
+        while True:
+            held, todo = [], []
+            for block in pending:
+                if claims.take(block):
+                    held.append(block)
+                    todo += _claimed_todo(folder, block, num)
+                    if len(todo) >= batch_size:
+                        break
+            if not held:
+                break
+            try:
+                for start in range(0, len(todo), batch_size):
+                    sample_batch(todo[start : start + batch_size])
+                    sampled += len(todo[start : start + batch_size])
+            finally:
+                for block in held:
+                    claims.release(block)
+            progressed = True
+        if not progressed:  # every missing image is in a block another live process holds
+            if not waiting:
+                holders = sorted({h for b in blocks if (h := claims.holder(b)) is not None})
+                log(f"waiting for {len(missing)} images claimed by other processes ({', '.join(holders[:3])})")
+                waiting = True
+            time.sleep(POLL_S)
+
+
+def _claimed_todo(folder: Path, block: int, num: int) -> list[int]:
+    # The block's missing indices, looked up after the claim (another process may have finished them just
+    # before); the temporary files of a process killed in this block go first.
+    indices = range(block * BLOCK_SIZE, min((block + 1) * BLOCK_SIZE, num))
+    for i in indices:
+        for tmp in folder.glob(f".{i:06d}.png.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    return [i for i in indices if not (folder / f"{i:06d}.png").exists()]
+
+
+def _npz_images(path: Path) -> int | None:
+    # Number of images of an .npz's arr_0, from the array header only (no image is read).
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape = read_header(f)[0]
+            return int(shape[0]) if shape else None
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None
-    still_missing = missing_indices(folder, cfg.num_fid_samples)
-    if still_missing:
-        raise ConfigError(
-            f"{len(still_missing)} images are missing in {folder} (first: {still_missing[0]:06d}.png); rerun the "
-            "same command to sample them; no .npz was written"
-        )
-    shape = build_npz(folder, cfg.num_fid_samples, npz_path, sm.settings["image_size"])
+
+
+def _write_npz_once(
+    folder: Path, num: int, npz_path: Path, image_size: int, claims, started: float, log: Callable[[str], None]
+) -> Path:
+    """Rank 0: write the .npz, unless another launch on this folder wrote it while this one ran (the .npz claim
+    makes sure two launches never write it at once)."""
+    while not claims.take("npz"):
+        time.sleep(POLL_S)
+    try:
+        if npz_path.exists() and npz_path.stat().st_mtime >= started and _npz_images(npz_path) == num:
+            log(f"{npz_path} was written by another launch on this folder meanwhile [{num} images]")
+            return npz_path
+        still_missing = missing_indices(folder, num)
+        if still_missing:
+            raise ConfigError(
+                f"{len(still_missing)} images are missing in {folder} (first: {still_missing[0]:06d}.png); rerun "
+                "the same command to sample them; no .npz was written"
+            )
+        shape = build_npz(folder, num, npz_path, image_size)
+    finally:
+        claims.release("npz")
     log(f"Saved .npz file to {npz_path} [shape={shape}].")
     return npz_path

@@ -66,6 +66,7 @@ def sample_grid(cfg: SampleConfig, log: Callable[[str], None] = print) -> Path:
     Raises:
         UsageError: a missing or mismatching checkpoint, bad labels, an unavailable device or VAE.
     """
+    from disploss.fileio import check_output_file
     from disploss.imageio import save_grid, to_uint8
     from disploss.runtime import resolve_device, set_precision
     from disploss.sampling.config import sampler_fn
@@ -73,6 +74,7 @@ def sample_grid(cfg: SampleConfig, log: Callable[[str], None] = print) -> Path:
     from disploss.sampling.load import describe, load_for_sampling
 
     g = cfg.guidance
+    check_output_file(cfg.out, "--out", {"checkpoint (--ckpt)": cfg.spec.ckpt})  # before any sampling
     device = resolve_device(g.device)
     set_precision(cfg.precision)
     sm = load_for_sampling(cfg.spec, device, default_vae=DEFAULT_VAE)

@@ -133,8 +133,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     if cfg.model not in MODEL_PRESETS:
         raise ConfigError(f"--model {cfg.model!r} is not a known model; valid choices: {', '.join(MODEL_PRESETS)}")
     depth, _, _, patch = parse_model_name(cfg.model)
-    if cfg.disp:
-        disp_blocks(cfg.disp_block, depth, cfg.model)
+    disp_blocks(cfg.disp_block, depth, cfg.model)  # regularised with --disp, watched (diagnostics) without
     if cfg.data_path is None and cfg.latents is None:
         raise ConfigError("--data-path is required (or --latents DIR to train from cached latents)")
     if cfg.global_batch_size % world_size:

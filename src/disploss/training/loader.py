@@ -13,22 +13,23 @@ from disploss.training.config import DIGITS, TrainConfig
 
 @dataclass
 class TrainData:
-    """The dataset, the codec that encodes its items (None when the dataset yields latents) and the model's input
-    geometry (channels, side)."""
+    """The dataset, the codec that encodes its items (None when the dataset yields latents), the model's input
+    geometry (channels, side), and the codec that decodes the sample grids (None without grids)."""
 
     dataset: torch.utils.data.Dataset
     codec: object | None
     in_channels: int
     input_size: int
+    grid_codec: object | None = None
 
 
-def build_data(cfg: TrainConfig, device: torch.device) -> TrainData:
-    """Dataset, latent codec and the model's input geometry of a training run.
+def build_dataset(cfg: TrainConfig) -> torch.utils.data.Dataset:
+    """The dataset of a training run (the folder is listed and checked; nothing is decoded or downloaded).
 
-    The data is checked first: a mistyped --data-path is reported at once, not after a VAE download attempt.
+    Raises:
+        UsageError: a missing or malformed data folder or latent cache, or one that contradicts the flags.
     """
     from disploss.data import DigitsDataset, ImageFolderDataset, LatentsDataset
-    from disploss.data.vae import load_vae
 
     if cfg.latents is not None:
         dataset = LatentsDataset(cfg.latents)
@@ -40,18 +41,40 @@ def build_data(cfg: TrainConfig, device: torch.device) -> TrainData:
             raise ConfigError(
                 f"the latent cache {cfg.latents} was made at --image-size {dataset.image_size}, not {cfg.image_size}"
             )
-        c, h, _ = dataset.latent_shape
-        return TrainData(dataset, None, c, h)
+        return dataset
     if cfg.data_path == DIGITS:
         if cfg.num_classes < 10:
             raise ConfigError(f"the digits have 10 classes but --num-classes is {cfg.num_classes}")
-        dataset = DigitsDataset(image_size=cfg.image_size, channels=3)
-    else:
-        dataset = ImageFolderDataset(
-            cfg.data_path, cfg.image_size, num_classes=cfg.num_classes, on_bad_image=cfg.on_bad_image
-        )
-    codec = load_vae(cfg.vae, device)
-    return TrainData(dataset, codec, codec.latent_channels, codec.latent_size(cfg.image_size))
+        return DigitsDataset(image_size=cfg.image_size, channels=3)
+    return ImageFolderDataset(cfg.data_path, cfg.image_size, num_classes=cfg.num_classes, on_bad_image=cfg.on_bad_image)
+
+
+def build_data(cfg: TrainConfig, device: torch.device, dataset: torch.utils.data.Dataset | None = None) -> TrainData:
+    """Dataset, latent codec and the model's input geometry of a training run.
+
+    Args:
+        cfg: the run's settings.
+        device: where the VAE runs.
+        dataset: `build_dataset(cfg)` when already built (by the pre-flight checks, before the VAE is fetched).
+    """
+    from disploss.data.vae import load_vae
+    from disploss.errors import HubUnavailableError
+
+    dataset = build_dataset(cfg) if dataset is None else dataset
+    grids = cfg.sample_every > 0
+    try:
+        if cfg.latents is not None:  # the grids decode with the VAE that made the cache
+            c, h, _ = dataset.latent_shape
+            return TrainData(dataset, None, c, h, load_vae(dataset.vae, device) if grids else None)
+        codec = load_vae(cfg.vae, device)
+    except HubUnavailableError as err:
+        hint = "or pass --sample-every 0 (the sample grids need the VAE)" if cfg.latents else (
+            "or train from cached latents with --latents DIR (disploss extract-latents, run where the VAE is) and "
+            "--sample-every 0"
+        )  # fmt: skip
+        raise HubUnavailableError(f"{err}; {hint}") from err
+    latent_size = codec.latent_size(cfg.image_size)
+    return TrainData(dataset, codec, codec.latent_channels, latent_size, codec if grids else None)
 
 
 class EpochSeeded(torch.utils.data.Dataset):

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from disploss import distributed as dist
-from disploss.errors import ConfigError
-from disploss.training.config import TrainConfig, validate
+from disploss.training.config import TrainConfig
+from disploss.training.preflight import check_patch, preflight
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -32,18 +32,14 @@ def train(cfg: TrainConfig) -> Path:
     # -- setup ----------------------------------------------------------------------------------------------------
     info = dist.init(cfg.device)
     device, world, rank = info.device, info.world_size, info.rank
-    validate(cfg, world)
+    # Cheap checks first (flags, data, wandb, output folder), on every process at once: a mistake is printed once.
+    dataset = dist.on_every_rank(preflight, cfg, world, info.is_main)
     set_precision(cfg.precision)
     torch.manual_seed(cfg.global_seed * world + rank)
     local_batch = cfg.global_batch_size // world
-    td = data.build_data(cfg, device)
+    td = dist.on_every_rank(data.build_data, cfg, device, dataset)  # the VAE
     steps_per_epoch = data.steps_per_epoch(len(td.dataset), world, local_batch)
-    _check_patch(cfg, td.input_size, parse_model_name(cfg.model)[3])
-    grid_codec = td.codec
-    if td.codec is None and cfg.sample_every > 0:  # cached latents: grids decode with the VAE that made them
-        from disploss.data.vae import load_vae
-
-        grid_codec = load_vae(td.dataset.vae, device)
+    check_patch(cfg, td.input_size, parse_model_name(cfg.model)[3])
     model = create_model(cfg.model, input_size=td.input_size, in_channels=td.in_channels, num_classes=cfg.num_classes)
     model = model.to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
@@ -51,16 +47,16 @@ def train(cfg: TrainConfig) -> Path:
     opt = make_adamw(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
 
     # -- resume -----------------------------------------------------------------------------------------------------
-    resume = st.find_resume(cfg)
+    resume = dist.on_every_rank(st.find_resume, cfg)
     if resume.state is not None:
-        st.load_weights(model, resume.state, "model", resume.path, cfg)
+        dist.on_every_rank(st.load_weights, model, resume.state, "model", resume.path, cfg)
         if "opt" in resume.state:
             opt.load_state_dict(resume.state["opt"])
     ema = EMA(model)  # an exact copy of the model (the reference's update_ema(decay=0))
     if resume.state is not None:
         st.load_weights(ema.model, resume.state, "ema", resume.path, cfg)
     step = resume.step
-    run_dir = st.prepare_run_dir(cfg, resume.run_dir, model, info.is_main)
+    run_dir = dist.on_every_rank(st.prepare_run_dir, cfg, resume.run_dir, model, info.is_main)
     config = {**cfg.as_dict(), "model_config": model.config(), "world_size": world, "run_dir": str(run_dir)}
     logger = RunLogger(
         run_dir, resume_step=step or None, wandb=cfg.wandb, wandb_config=config, tensorboard=cfg.tensorboard
@@ -98,7 +94,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # -- loop -------------------------------------------------------------------------------------------------------
     means = RunningMeans(device)  # loss, flow, disp (and each block's) over the updating steps since the last log
-    watch = NonFiniteWatch(device)
+    watch = NonFiniteWatch(device, resume.path, resume.state)  # names a checkpoint that was not finite
     skipped = int(resume.state.get("skipped_steps", 0)) if resume.state is not None else 0
     t_log, log_start, out = time.time(), step, None
     if step >= max_steps:
@@ -141,7 +137,7 @@ def train(cfg: TrainConfig) -> Path:
             if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or last):
                 watch.check()
                 _sample_grid(
-                    ema.model, grid_codec, transport, cfg, run_dir / "samples" / f"{step:07d}.png", device, logger
+                    ema.model, td.grid_codec, transport, cfg, run_dir / "samples" / f"{step:07d}.png", device, logger
                 )
             if step >= max_steps:
                 break
@@ -160,17 +156,6 @@ def _mean_over_ranks(values: dict[str, torch.Tensor], world: int) -> dict[str, f
         return {}
     totals = dist.all_reduce_sum(torch.stack(list(values.values()))) / world
     return {k: float(v) for k, v in zip(values, totals)}
-
-
-def _check_patch(cfg: TrainConfig, input_size: int, patch: int) -> None:
-    if input_size % patch:
-        factor = cfg.image_size // input_size
-        unit = factor * patch
-        near = " or ".join(str(k * unit) for k in (cfg.image_size // unit, cfg.image_size // unit + 1) if k > 0)
-        raise ConfigError(
-            f"--image-size {cfg.image_size} gives latents of side {input_size} (VAE factor {factor}), which the patch "
-            f"size {patch} of --model {cfg.model} does not divide; valid sizes nearby: {near}"
-        )
 
 
 @torch.no_grad()

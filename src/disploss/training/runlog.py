@@ -30,7 +30,7 @@ from typing import Any
 from disploss.errors import MissingDependencyError, UsageError
 from disploss.fileio import atomic_write_bytes
 
-__all__ = ["RunLogger", "WandbConfigError"]
+__all__ = ["RunLogger", "WandbConfigError", "check_logging_setup"]
 
 _OFFLINE_MODES = ("offline", "disabled", "dryrun")
 
@@ -84,6 +84,35 @@ def _image_array(path_or_array: Any):
         scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
         arr = np.clip(np.rint(arr.astype(np.float64) * scale), 0, 255).astype(np.uint8)
     return arr
+
+
+def check_logging_setup(wandb: bool, tensorboard: bool) -> None:
+    """Raise now what `RunLogger(wandb=..., tensorboard=...)` would raise once the run folder exists: wandb's
+    missing environment variables, a missing wandb or tensorboard package (nothing is imported or contacted).
+
+    Raises:
+        WandbConfigError: naming the missing variables.
+        MissingDependencyError: with the pip command.
+    """
+    import importlib.util
+
+    if wandb:
+        mode = os.environ.get("WANDB_MODE", "").lower()
+        if mode not in _OFFLINE_MODES:
+            missing = []
+            if not os.environ.get("WANDB_KEY") and not os.environ.get("WANDB_API_KEY"):
+                missing.append("WANDB_KEY (your wandb API key)")
+            if not os.environ.get("PROJECT"):
+                missing.append("PROJECT (the wandb project)")
+            if missing:
+                raise WandbConfigError(
+                    f"--wandb needs the environment variable(s) {', '.join(missing)}; ENTITY (team or user) is "
+                    "optional. Set them, or set WANDB_MODE=offline to log locally without an account."
+                )
+        if importlib.util.find_spec("wandb") is None:
+            raise MissingDependencyError("--wandb needs the wandb package: pip install 'disploss[wandb]'")
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise MissingDependencyError("--tensorboard needs the tensorboard package: pip install 'disploss[tensorboard]'")
 
 
 class RunLogger:
@@ -278,17 +307,7 @@ class RunLogger:
         mode = os.environ.get("WANDB_MODE", "").lower()
         offline = mode in _OFFLINE_MODES
         key = os.environ.get("WANDB_KEY") or None
-        if not offline:
-            missing = []
-            if key is None and not os.environ.get("WANDB_API_KEY"):
-                missing.append("WANDB_KEY (your wandb API key)")
-            if not os.environ.get("PROJECT"):
-                missing.append("PROJECT (the wandb project)")
-            if missing:
-                raise WandbConfigError(
-                    f"--wandb needs the environment variable(s) {', '.join(missing)}; ENTITY (team or user) is "
-                    "optional. Set them, or set WANDB_MODE=offline to log locally without an account."
-                )
+        check_logging_setup(wandb=True, tensorboard=False)
         try:
             import wandb
         except ImportError as err:

@@ -103,11 +103,17 @@ class NonFiniteWatch:
     """The first non-finite step of a run, recorded on the device without a host sync per step.
 
     `record` runs every step; `check` (at log and checkpoint steps, before anything is written) raises
-    NonFiniteError naming the step and the term.
+    NonFiniteError naming the step and the term, and the file and tensor when the run started from a checkpoint
+    whose weights were not finite already (then neither the learning rate nor the data is to blame).
+
+    Args:
+        device: where the steps run.
+        origin_path, origin_state: the checkpoint the run started from and its loaded dict (None: a fresh run).
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, origin_path=None, origin_state: dict | None = None):
         self.bad = torch.full((3,), -1.0, device=device)  # first non-finite step, its term flags (flow, disp)
+        self.origin_path, self.origin_state = origin_path, origin_state
 
     def record(self, step: int, out: StepOutput) -> None:
         new_bad = (~out.finite) & (self.bad[0] < 0)
@@ -122,11 +128,40 @@ class NonFiniteWatch:
 
     def check(self) -> None:
         first, flow_bad, disp_bad = self.bad.tolist()
-        if first >= 0:
+        if first < 0:
+            return
+        where = f"non-finite {_term(flow_bad, disp_bad)} at step {int(first)}"
+        inherited = first_nonfinite_tensor(self.origin_state) if self.origin_state is not None else None
+        if inherited is not None:
             raise NonFiniteError(
-                f"non-finite {_term(flow_bad, disp_bad)} at step {int(first)}; the last checkpoint written before "
-                "it is intact. Lower --lr, set --grad-clip, or pass --on-nonfinite skip to skip such steps"
+                f"{where}: the checkpoint {self.origin_path} this run started from holds non-finite values "
+                f"({inherited}), so no setting of this run can help; start from an earlier checkpoint"
             )
+        raise NonFiniteError(
+            f"{where}; the last checkpoint written before it is intact. Lower --lr, set --grad-clip, or pass "
+            "--on-nonfinite skip to skip such steps"
+        )
+
+
+def first_nonfinite_tensor(state, where: str = "") -> str | None:
+    """The key path of the first floating-point tensor in a checkpoint dict with a NaN or inf, and what it holds,
+    e.g. "model['blocks.0.attn.qkv.weight']: 12 NaN, 0 inf of 27648 values"; None when all are finite."""
+    if isinstance(state, torch.Tensor):
+        if not (state.is_floating_point() or state.is_complex()) or bool(torch.isfinite(state).all()):
+            return None
+        nan = int(torch.isnan(state).sum())
+        return f"{where}: {nan} NaN, {int((~torch.isfinite(state)).sum()) - nan} inf of {state.numel()} values"
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return None
+    for key, value in items:
+        found = first_nonfinite_tensor(value, f"{where}[{key!r}]" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def make_adamw(params, **kwargs) -> torch.optim.AdamW:

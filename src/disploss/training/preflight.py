@@ -1,0 +1,101 @@
+"""Cheap checks first: what a training run can get wrong is found before anything costs time or leaves files.
+
+`preflight` runs before the VAE is fetched and before a run folder is created: the flags (`validate`), the data
+folder and its size (at least one local batch per process), the input geometry the model needs when it is known
+without the VAE (pixels, the two hub VAEs, a local VAE folder, a latent cache), the wandb / tensorboard setup,
+and the output folder (writable, room for two checkpoints). `train()` runs it on every process at once
+(`disploss.distributed.on_every_rank`), so under torchrun a mistake is reported once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from disploss.errors import ConfigError
+from disploss.training.config import TrainConfig, validate
+
+
+def preflight(cfg: TrainConfig, world: int, is_main: bool) -> torch.utils.data.Dataset:
+    """Check everything that needs neither the VAE nor a run folder; returns the dataset (listed, not decoded).
+
+    Args:
+        cfg: the run's settings.
+        world: number of processes.
+        is_main: rank 0, which alone writes the run folder and logs to wandb / tensorboard.
+    Raises:
+        UsageError: naming the flag, the folder or the environment variable to fix.
+    """
+    from disploss.models import create_model, parse_model_name
+    from disploss.training.loader import build_dataset, steps_per_epoch
+    from disploss.training.rundir import checkpoint_size_bytes
+    from disploss.training.runlog import check_logging_setup
+
+    validate(cfg, world)
+    dataset = build_dataset(cfg)
+    steps_per_epoch(len(dataset), world, cfg.global_batch_size // world)
+    geometry = input_geometry(cfg, dataset)
+    if geometry is not None:
+        check_patch(cfg, geometry[1], parse_model_name(cfg.model)[3])
+    if is_main:
+        check_logging_setup(wandb=cfg.wandb, tensorboard=cfg.tensorboard)
+        need = 0
+        if geometry is not None:  # the size of a checkpoint, from a model that holds no memory
+            with torch.device("meta"):
+                model = create_model(
+                    cfg.model, input_size=geometry[1], in_channels=geometry[0], num_classes=cfg.num_classes
+                )
+            need = 2 * checkpoint_size_bytes(model)  # the last checkpoint and the one being written beside it
+        check_output_folder(cfg.results_dir, need)
+    return dataset
+
+
+def check_output_folder(results_dir: str, min_free_bytes: int) -> None:
+    """--results-dir could be created and written into, with room for `min_free_bytes`; nothing is created.
+
+    Raises:
+        OutputPathError: naming the folder and what is in the way.
+        InsufficientDiskSpaceError: naming the free and the needed bytes.
+    """
+    import shutil
+
+    from disploss.fileio import check_folder_creatable
+    from disploss.training.rundir import InsufficientDiskSpaceError, format_bytes
+
+    anchor = check_folder_creatable(results_dir, "--results-dir")
+    free = shutil.disk_usage(anchor).free
+    if free < min_free_bytes:
+        raise InsufficientDiskSpaceError(
+            f"not enough free disk space in {results_dir}: {free} bytes free ({format_bytes(free)}), "
+            f"{int(min_free_bytes)} bytes needed for two checkpoints ({format_bytes(min_free_bytes)}); free some "
+            "space or choose another --results-dir"
+        )
+
+
+def input_geometry(cfg: TrainConfig, dataset) -> tuple[int, int] | None:
+    """(channels, side) of the model's input, or None when only a hub VAE other than ema / mse could tell.
+
+    Raises:
+        ConfigError: --image-size is not divisible by the VAE's downsampling factor.
+    """
+    from disploss.data.vae import latent_side, vae_geometry
+
+    if cfg.latents is not None:
+        c, h, _ = dataset.latent_shape
+        return c, h
+    geometry = vae_geometry(cfg.vae)
+    if geometry is None:
+        return None
+    channels, factor = geometry
+    return channels, latent_side(cfg.image_size, factor, cfg.vae)
+
+
+def check_patch(cfg: TrainConfig, input_size: int, patch: int) -> None:
+    """ConfigError unless the patch size divides the input side (naming the valid --image-size values nearby)."""
+    if input_size % patch:
+        factor = cfg.image_size // input_size
+        unit = factor * patch
+        near = " or ".join(str(k * unit) for k in (cfg.image_size // unit, cfg.image_size // unit + 1) if k > 0)
+        raise ConfigError(
+            f"--image-size {cfg.image_size} gives latents of side {input_size} (VAE factor {factor}), which the patch "
+            f"size {patch} of --model {cfg.model} does not divide; valid sizes nearby: {near}"
+        )
