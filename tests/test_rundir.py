@@ -1,10 +1,12 @@
-"""Experiment folders: reference naming, race-free creation, pre-flight disk checks."""
+"""Experiment folders: reference naming, race-free creation, pre-flight disk checks, the lock of a run folder."""
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,102 @@ def test_checkpoint_size_estimate_matches_a_real_checkpoint(tmp_path):
 def test_format_bytes():
     assert rundir.format_bytes(512) == "512 B"
     assert rundir.format_bytes(3 * 1024**3) == "3.00 GiB"
+
+
+# -- the run folder's lock (RunLock) -------------------------------------------------------------------------------
+def write_lock(folder: Path, **holder) -> Path:
+    """A lock file as another job would have left it."""
+    import json
+
+    path = folder / rundir.LOCK_NAME
+    content = {"host": "other-host", "pid": 1234, "started": "2026-01-01 00:00:00", "lease": 0.0, "token": "t0"}
+    path.write_text(json.dumps({**content, **holder}))
+    return path
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_lock_names_the_live_holder_and_is_released(tmp_path):
+    first = rundir.RunLock(tmp_path).acquire()
+    with pytest.raises(rundir.RunFolderLockedError, match=rf"being trained by pid {os.getpid()} on host .* since 20"):
+        rundir.RunLock(tmp_path).acquire()  # a second job, same host, the first one alive
+    first.release()
+    assert not (tmp_path / rundir.LOCK_NAME).exists()
+    with rundir.RunLock(tmp_path):
+        assert (tmp_path / rundir.LOCK_NAME).is_file()
+
+
+def test_lock_of_a_dead_process_on_this_host_is_stale(tmp_path):
+    import socket
+
+    write_lock(tmp_path, host=socket.gethostname(), boot_id=rundir._boot_id(), pid=dead_pid(), lease=time.time())
+    with rundir.RunLock(tmp_path) as lock:  # at once: no waiting on a lease
+        assert lock._read()["pid"] == os.getpid()
+
+
+def test_lock_of_a_reused_pid_is_stale(tmp_path):
+    import socket
+
+    start = rundir._proc_start(os.getpid())
+    if start is None:
+        pytest.skip("no /proc here: a pid's start time is unknown")
+    write_lock(tmp_path, host=socket.gethostname(), boot_id=rundir._boot_id(), pid=os.getpid(), pid_start=start - 1)
+    with rundir.RunLock(tmp_path) as lock:  # our pid, but not the process that took the lock
+        assert lock._read()["token"] == lock.token
+
+
+def test_lock_of_another_host_stale_after_its_lease(tmp_path):
+    write_lock(tmp_path, lease=time.time() - 11)
+    with rundir.RunLock(tmp_path, refresh_s=1, stale_s=10) as lock:
+        assert lock._read()["token"] == lock.token
+
+
+def test_lock_of_another_host_waits_for_the_lease(tmp_path):
+    """A fresh lease of another host: refreshed meanwhile (a live job) -> error; never refreshed -> taken once it is
+    older than stale_s by the waiting job's own clock."""
+    import json
+
+    path = write_lock(tmp_path, lease=time.time())
+    stop = threading.Event()
+
+    def refresher():  # the other job, alive
+        while not stop.wait(0.1):
+            path.write_text(json.dumps({**json.loads(path.read_text()), "lease": time.time()}))
+
+    thread = threading.Thread(target=refresher)
+    thread.start()
+    try:
+        with pytest.raises(rundir.RunFolderLockedError, match="pid 1234 on host other-host"):
+            rundir.RunLock(tmp_path, refresh_s=0.2, stale_s=30).acquire()
+    finally:
+        stop.set()
+        thread.join()
+    notes = []
+    start = time.monotonic()
+    with rundir.RunLock(tmp_path, refresh_s=0.2, stale_s=1.0, notify=notes.append) as lock:  # now nobody refreshes
+        assert lock._read()["token"] == lock.token
+    assert 0.8 <= time.monotonic() - start < 20
+    assert notes and "waiting up to 1 s" in notes[0]
+
+
+def test_lease_is_refreshed_and_a_taken_lock_is_noticed(tmp_path):
+    import json
+
+    lock = rundir.RunLock(tmp_path, refresh_s=0.05).acquire()
+    first = lock._read()["lease"]
+    time.sleep(0.3)
+    assert lock._read()["lease"] > first  # the thread keeps the lease fresh
+    lock.check()
+    (tmp_path / rundir.LOCK_NAME).write_text(json.dumps({"host": "h2", "pid": 7, "token": "other"}))
+    time.sleep(0.3)
+    with pytest.raises(rundir.RunFolderLockedError, match="was taken by pid 7 on host h2"):
+        lock.check()
+    lock.release()
+    assert json.loads((tmp_path / rundir.LOCK_NAME).read_text())["token"] == "other"  # not ours to remove

@@ -51,6 +51,13 @@ def init(device: str | None = None, timeout_minutes: float = 30.0) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            from disploss.errors import ConfigError
+
+            raise ConfigError(
+                f"--device cuda: this process is LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA "
+                "device(s) are visible; start at most that many processes per node (--nproc_per_node)"
+            )
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:

@@ -2,6 +2,9 @@
 
 Also the checks made before expensive work, which create nothing: that an output folder could be created and
 written into, and that an output file would neither fail to be written nor overwrite an input.
+
+Files get the mode a plain `open()` would give them (0644 under the usual umask 022), not mkstemp's 0600: the
+checkpoints, grids and .npz files of a run are meant to be read by teammates and by other jobs.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, file_mode())  # writers that reopen the path by name (torch.save) keep this mode
+    finally:
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -38,6 +44,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0o666 without the bits of the process's umask."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    # Linux shows the umask in /proc without changing it; elsewhere set-and-restore (not thread-safe, but brief).
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -121,19 +121,23 @@ def find_latest_run(results_dir: str | os.PathLike, model_name: str) -> Path | N
     Returns:
         Path of the checkpoint, or None when no folder of this model has one.
     """
+    runs = latest_of_runs(results_dir, model_name)
+    return runs[0] if runs else None
+
+
+def latest_of_runs(results_dir: str | os.PathLike, model_name: str) -> list[Path]:
+    """The newest complete checkpoint of each experiment folder of `model_name` in `results_dir`, newest first
+    (the order of `find_latest_run`); folders without one are left out."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
-        return None
+        return []
     pattern = _run_folder_pattern(model_name)
-    best: tuple[float, int, int, Path] | None = None
+    found: list[tuple[float, int, int, Path]] = []
     for folder in results_dir.iterdir():
         match = pattern.match(folder.name)
         if not match or not folder.is_dir():
             continue
         path = find_latest(folder / "checkpoints")
-        if path is None:
-            continue
-        key = (path.stat().st_mtime, int(match.group(1)), checkpoint_step(path) or 0, path)
-        if best is None or key[:3] > best[:3]:
-            best = key
-    return None if best is None else best[3]
+        if path is not None:
+            found.append((path.stat().st_mtime, int(match.group(1)), checkpoint_step(path) or 0, path))
+    return [entry[3] for entry in sorted(found, key=lambda e: e[:3], reverse=True)]

@@ -1,17 +1,21 @@
 """`disploss train` / `torchrun train.py`: flags generated from TrainConfig; the library's `train()` does the work.
 
 Exit status: 0 when done; 2 and one line `disploss train: error: ...` for a user error (flags, data, checkpoint,
-run folder, disk); 1 for a non-finite loss; anything else keeps its traceback. Under torchrun a mistake every
-process finds is printed once (see disploss.commands.report).
+run folder, disk); 1 for a non-finite loss; 75 when SIGTERM or SIGUSR1 stopped it with a checkpoint (run the same
+command with --ckpt latest to continue) and 130 for SIGINT (Ctrl-C), each with one line from rank 0; anything else
+keeps its traceback. Under torchrun a mistake every process finds is printed once (see disploss.commands.report).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from disploss.commands.flags import add_config_arguments, config_from_namespace
 from disploss.commands.report import guarded, print_error
 from disploss.training import NonFiniteError, TrainConfig, train
+from disploss.training.preemption import EXIT_INTERRUPTED, Stopped, stop_signals
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,13 +26,27 @@ def run(args: argparse.Namespace) -> int:
     from disploss import distributed as dist
 
     def go() -> int:
-        try:
-            train(config_from_namespace(TrainConfig, args))
-        except NonFiniteError as err:
-            print_error("train", err)
-            return 1
-        finally:
-            dist.cleanup()  # a process that exits with its process group alive aborts ("terminate called ...")
+        # Handled here too (train() handles them itself), so that a second signal while the line below is printed
+        # (torchrun signals the other workers when one exits) cannot kill the process before it says why it stopped.
+        with stop_signals():
+            try:
+                train(config_from_namespace(TrainConfig, args))
+            except NonFiniteError as err:
+                print_error("train", err)
+                return 1
+            except Stopped as stop:  # a signal: the checkpoint is written, the run can continue
+                _say(str(stop))
+                return stop.exit_status
+            except KeyboardInterrupt:  # Ctrl-C before the first step
+                _say("interrupted (SIGINT) before the first step; nothing to save")
+                return EXIT_INTERRUPTED
+            finally:
+                dist.cleanup()  # a process that exits with its process group alive aborts ("terminate called ...")
         return 0
 
     return guarded("train", go)
+
+
+def _say(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process stops: one line is enough
+        print(f"disploss train: {message}", file=sys.stderr, flush=True)

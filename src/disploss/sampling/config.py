@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,10 +59,10 @@ def parse_class_labels(text: str) -> tuple[int, ...]:
 
 
 def check_cfg_scale(value: float) -> str | None:
-    """>= 1 (1 disables guidance; below 1 the reference refuses too); NaN is refused."""
-    if value >= 1.0:
+    """>= 1 (1 disables guidance; below 1 the reference refuses too) and finite (NaN and infinity are refused)."""
+    if 1.0 <= value < math.inf:
         return None
-    return f"must be >= 1.0 (1 disables guidance; the published numbers use 1.5 or 4.0), got {value}"
+    return f"must be >= 1.0 and finite (1 disables guidance; the published numbers use 1.5 or 4.0), got {value}"
 
 
 @dataclass(frozen=True)

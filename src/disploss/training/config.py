@@ -7,12 +7,13 @@ The reference's flags keep their names and defaults. The resolved configuration 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from disploss.data.images import BAD_IMAGE_POLICIES
 from disploss.dispersive import ALL_VARIANTS
 from disploss.errors import ConfigError
-from disploss.options import at_least, check_options, option, positive
+from disploss.options import all_of, at_least, check_options, finite, flag_name, in_interval, option, positive
 from disploss.runtime import DEVICES, PRECISIONS
 from disploss.sampling.config import check_cfg_scale
 from disploss.transport import LOSS_WEIGHTS, PATH_TYPES, PREDICTIONS
@@ -52,22 +53,29 @@ class TrainConfig:
     cfg_scale: float = option(4.0, "guidance scale of the in-training sample grids", check=check_cfg_scale)
     wandb: bool = option(False, "log to Weights & Biases (reads WANDB_KEY, ENTITY, PROJECT)")
     tensorboard: bool = option(False, "write tensorboard event files into the run folder")
-    ckpt: str | None = option(None, "resume from this checkpoint, or 'latest' (newest in --results-dir, else fresh)")
+    ckpt: str | None = option(
+        None,
+        "resume from this checkpoint, or 'latest' (the newest run of this experiment in --results-dir, else fresh)",
+    )
     disp: bool = option(False, "add the dispersive loss")
-    disp_weight: float = option(0.25, "lambda, the weight of the dispersive term")
-    disp_tau: float = option(1.0, "temperature of the InfoNCE variants")
+    disp_weight: float = option(0.25, "lambda, the weight of the dispersive term", check=finite)
+    disp_tau: float = option(1.0, "temperature of the InfoNCE variants", check=finite)
     disp_variant: str = option("infonce_l2", "dispersive variant", choices=ALL_VARIANTS)
     disp_block: str = option(
         "-1", "blocks whose outputs are regularised: an index from 0 (negative: from the end), a comma list such as "
         "0,6,27, or all; one dispersive term per block, averaged", parse=str, check=check_block_spec,
     )  # fmt: skip
     disp_gather: bool = option(False, "dispersive term over the global batch (all-gather) instead of the local one")
-    disp_margin: float = option(1.0, "epsilon of the hinge variant")
+    disp_margin: float = option(1.0, "epsilon of the hinge variant", check=finite)
     path_type: str = option("Linear", "interpolant path", choices=PATH_TYPES)
     prediction: str = option("velocity", "model prediction", choices=PREDICTIONS)
     loss_weight: str | None = option(None, "loss weight (score / noise)", choices=LOSS_WEIGHTS, none_literal=True)
-    sample_eps: float | None = option(None, "sampling eps (default: by path and prediction)")
-    train_eps: float | None = option(None, "training eps (default: by path and prediction)")
+    sample_eps: float | None = option(
+        None, "sampling eps (default: by path and prediction)", check=in_interval(0.0, 0.5)
+    )
+    train_eps: float | None = option(
+        None, "training eps (default: by path and prediction)", check=in_interval(0.0, 0.5)
+    )
     max_steps: int | None = option(None, "stop at this step (takes precedence over --epochs)", check=at_least(0))
     latents: str | None = option(None, "train from a latent cache written by `disploss extract-latents`")
     precision: str = option(
@@ -75,13 +83,13 @@ class TrainConfig:
     )
     compile: bool = option(False, "torch.compile the model")
     grad_checkpointing: bool = option(False, "recompute block activations in backward (less memory)")
-    lr: float = option(1e-4, "AdamW learning rate (constant)", check=positive)
-    beta2: float = option(0.999, "AdamW beta2 (the paper's JAX runs used 0.95)")
-    weight_decay: float = option(0.0, "AdamW weight decay", check=at_least(0.0))
+    lr: float = option(1e-4, "AdamW learning rate (constant)", check=all_of(positive, finite))
+    beta2: float = option(0.999, "AdamW beta2 (the paper's JAX runs used 0.95)", check=in_interval(0.0, 1.0))
+    weight_decay: float = option(0.0, "AdamW weight decay", check=all_of(at_least(0.0), finite))
     grad_clip: float = option(
-        0.0, "clip the gradient norm to this value (0: no clipping, the reference)", check=at_least(0.0)
+        0.0, "clip the gradient norm to this value (0: no clipping, the reference)", check=all_of(at_least(0.0), finite)
     )
-    ema_decay: float = option(0.9999, "EMA decay per step")
+    ema_decay: float = option(0.9999, "EMA decay per step", check=in_interval(0.0, 1.0))
     on_nonfinite: str = option(
         "error", "a non-finite loss or gradient: stop with an error, or skip the step", choices=NONFINITE_POLICIES
     )
@@ -89,7 +97,22 @@ class TrainConfig:
         "skip", "an unreadable image: skip it with a warning, or stop", choices=BAD_IMAGE_POLICIES
     )
     device: str | None = option(None, "cuda or cpu (default: cuda when available)", choices=(None, *DEVICES))
-    sample_steps: int = option(50, "Heun ODE steps of the in-training sample grids")
+    sample_steps: int = option(
+        50, "points of the Heun ODE time grid of the in-training sample grids", check=at_least(2)
+    )
+    # Restarts, preemption and disk (README "When things go wrong").
+    ckpt_every_minutes: float | None = option(
+        None, "also write a checkpoint when this many minutes passed since the last one (whichever comes first)",
+        check=all_of(positive, finite),
+    )  # fmt: skip
+    keep_last: int | None = option(
+        None, "keep only the newest K checkpoints, deleted after a new one is complete (default: keep all)",
+        check=at_least(1), metavar="K",
+    )  # fmt: skip
+    keep_every: int | None = option(
+        None, "also keep forever the checkpoints at steps divisible by N (a multiple of --ckpt-every)",
+        check=at_least(1), metavar="N",
+    )  # fmt: skip
 
     def __post_init__(self):
         if isinstance(self.disp_block, int):  # TrainConfig(disp_block=6) from Python
@@ -122,6 +145,42 @@ def disp_blocks(spec: str, depth: int, model: str = "the model") -> list[int]:
     return sorted(out)
 
 
+# The flags that define an experiment: `--ckpt latest` continues only a run whose stored configuration has the
+# same values, and a training checkpoint whose values differ only gives its weights to a new run. The others may
+# change between the restarts of one run: how long (--epochs, --max-steps), how often to log, save and sample,
+# retention, workers, device, precision, --compile, --grad-checkpointing, the policies and the logging backends.
+EXPERIMENT_FIELDS = (
+    "data_path", "latents", "model", "image_size", "num_classes", "vae", "global_batch_size", "global_seed",
+    "disp", "disp_weight", "disp_tau", "disp_variant", "disp_block", "disp_gather", "disp_margin",
+    "path_type", "prediction", "loss_weight", "train_eps", "lr", "beta2", "weight_decay", "grad_clip", "ema_decay",
+)  # fmt: skip
+_DISP_FIELDS = ("disp_weight", "disp_tau", "disp_variant", "disp_block", "disp_gather", "disp_margin")
+
+
+def experiment_differences(stored: dict, cfg: TrainConfig) -> list[str]:
+    """The experiment flags whose stored value (a run's config.json, a checkpoint's 'args') differs from `cfg`.
+
+    Only the keys present in `stored` are compared (converted reference checkpoints store fewer); the dispersive
+    settings only when one side has --disp on. Paths are equal when they name the same folder.
+
+    Returns:
+        One entry per differing flag, e.g. "--disp-weight 0.5 (this command: 0.25)"; empty when they match.
+    """
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out = []
+    for name in EXPERIMENT_FIELDS:
+        if name not in stored or (name in _DISP_FIELDS and not (stored.get("disp") or cfg.disp)):
+            continue
+        old, new = stored[name], getattr(cfg, name)
+        if name == "disp_block":  # stored as an int by older versions
+            old, new = str(old), str(new)
+        paths = name in ("data_path", "latents", "vae") and old and new  # the same folder, however written
+        if old == new or (paths and os.path.realpath(old) == os.path.realpath(new)):
+            continue
+        out.append(f"{flag_name(fields[name])} {old} (this command: {new})")
+    return out
+
+
 def validate(cfg: TrainConfig, world_size: int) -> None:
     """Check what TrainConfig cannot check alone (the model's depth and patch, the number of processes).
 
@@ -148,3 +207,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         )
     if cfg.disp and not (cfg.disp_weight > 0 and cfg.disp_tau > 0):
         raise ConfigError("--disp-weight and --disp-tau must be positive")
+    if cfg.keep_every is not None and cfg.keep_every % cfg.ckpt_every:
+        raise ConfigError(
+            f"--keep-every {cfg.keep_every} must be a multiple of --ckpt-every {cfg.ckpt_every} (the checkpoints kept "
+            "forever are those at steps divisible by it)"
+        )

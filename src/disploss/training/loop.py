@@ -1,23 +1,35 @@
 """`train(cfg)`: SiT training with flow matching and, with cfg.disp, dispersive loss.
 
-Reads top to bottom: setup, resume, data, loop {train_step, housekeeping: log line, checkpoint, sample grid}.
-The step itself (forward, backward, AdamW, EMA) is `disploss.training.step.train_step`, shared with the benchmark.
+Reads top to bottom: setup, resume, data, loop {train_step, housekeeping: log line, checkpoint, stop on a
+signal, sample grid}. The step itself (forward, backward, AdamW, EMA) is `disploss.training.step.train_step`, shared with the benchmark.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 import torch
 
 from disploss import distributed as dist
+from disploss.training import preemption
 from disploss.training.config import TrainConfig
 from disploss.training.preflight import check_patch, preflight
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train; returns the run folder. See TrainConfig for the options."""
+    """Train; returns the run folder. See TrainConfig for the options.
+
+    SIGTERM, SIGUSR1 and SIGINT stop the run after the current step with a checkpoint and raise
+    `preemption.Stopped` (training/preemption.py); the run folder stays locked to this job until it ends.
+    """
+    with preemption.stop_signals(), contextlib.ExitStack() as on_exit:
+        return _train(cfg, on_exit)
+
+
+def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
+    """train() top to bottom; `on_exit` closes the log and releases the run folder's lock however it ends."""
     from disploss.models import create_model, parse_model_name
     from disploss.runtime import set_precision
     from disploss.training import loader as data
@@ -56,19 +68,24 @@ def train(cfg: TrainConfig) -> Path:
     if resume.state is not None:
         st.load_weights(ema.model, resume.state, "ema", resume.path, cfg)
     step = resume.step
-    run_dir = dist.on_every_rank(st.prepare_run_dir, cfg, resume.run_dir, model, info.is_main)
+    run_dir, lock = dist.on_every_rank(st.prepare_run_dir, cfg, resume, model, info.is_main, on_exit)
     config = {**cfg.as_dict(), "model_config": model.config(), "world_size": world, "run_dir": str(run_dir)}
     logger = RunLogger(
         run_dir, resume_step=step or None, wandb=cfg.wandb, wandb_config=config, tensorboard=cfg.tensorboard
     )
+    on_exit.callback(logger.close)
     if info.is_main:
         from disploss.fileio import atomic_write_json
 
         atomic_write_json(run_dir / "config.json", config)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(f"run folder {run_dir}; {world} process(es) on {device}; {n_params:,} parameters")
-    if resume.path is not None:
+    if resume.step:
         logger.info(f"resumed from {resume.path} at step {step}")
+    for line in resume.notes:
+        logger.info(line)
+    for line in resume.warnings:
+        logger.warning(line)
 
     # -- data and the step --------------------------------------------------------------------------------------------
     loader, sampler = data.make_loader(td.dataset, local_batch, world, rank, cfg.global_seed, cfg.num_workers, device)
@@ -99,6 +116,7 @@ def train(cfg: TrainConfig) -> Path:
     t_log, log_start, out = time.time(), step, None
     if step >= max_steps:
         logger.info(f"nothing to do: step {step} >= {max_steps}")
+    poll = preemption.StopPoll(cfg.ckpt_every_minutes, world)  # from here a signal stops after the current step
     while step < max_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         sampler.set_position(epoch, offset * local_batch)
@@ -119,6 +137,7 @@ def train(cfg: TrainConfig) -> Path:
 
             # -- housekeeping ---------------------------------------------------------------------------------------
             last = step == max_steps
+            stop = poll.poll()  # one small collective: a stop signal or --ckpt-every-minutes on any process
             if step % cfg.log_every == 0 or last:
                 watch.check()
                 dt = time.time() - t_log
@@ -129,11 +148,16 @@ def train(cfg: TrainConfig) -> Path:
                     "skipped_steps": skipped,
                 })  # fmt: skip
                 t_log, log_start = time.time(), step
-            if step % cfg.ckpt_every == 0 or last:
+            if step % cfg.ckpt_every == 0 or last or stop.save:
                 watch.check()
-                st.save_training_checkpoint(
-                    run_dir, step, epoch, model, ema, opt, config, device, world, skipped, logger
+                saved = st.save_training_checkpoint(
+                    run_dir, step, epoch, model, ema, opt, config, device, world, skipped, logger, lock
                 )
+                poll.saved()
+            if stop.signum and not last:
+                stopped = preemption.Stopped(stop.signum, step, saved)
+                logger.warning(str(stopped))
+                raise stopped
             if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or last):
                 watch.check()
                 _sample_grid(

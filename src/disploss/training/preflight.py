@@ -39,7 +39,9 @@ def preflight(cfg: TrainConfig, world: int, is_main: bool) -> torch.utils.data.D
     if is_main:
         check_logging_setup(wandb=cfg.wandb, tensorboard=cfg.tensorboard)
         need = 0
-        if geometry is not None:  # the size of a checkpoint, from a model that holds no memory
+        # A fresh run's checkpoint size, from a model that holds no memory; a resumed run is checked against its
+        # checkpoint's real size once it is found (training/state.py, prepare_run_dir).
+        if geometry is not None and cfg.ckpt is None:
             with torch.device("meta"):
                 model = create_model(
                     cfg.model, input_size=geometry[1], in_channels=geometry[0], num_classes=cfg.num_classes
