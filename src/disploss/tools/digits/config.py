@@ -48,6 +48,7 @@ from disploss.errors import ConfigError
 from disploss.options import at_least, check_options, in_interval, option
 from disploss.runtime import DEVICES
 from disploss.tools.digits.classifier import ClassifierConfig
+from disploss.training.config import EXPERIMENT_FIELDS
 
 REFERENCES = ("holdout", "all")
 
@@ -270,7 +271,8 @@ QUICK = dict(
 def train_config(cfg: DigitsConfig, arm: Arm, seed: int):
     """The TrainConfig of one run: the demo's, with the experiment's budget, EMA, checkpoint spacing and arm.
 
-    Its results_dir holds a hash of the settings, so a changed setting never resumes another run's checkpoints.
+    Its results_dir holds a hash of the settings that shape the run, so a changed setting never resumes another
+    run's checkpoints.
     """
     from disploss.tools.demo import demo_config
 
@@ -281,7 +283,9 @@ def train_config(cfg: DigitsConfig, arm: Arm, seed: int):
         disp_variant=arm.variant, disp_weight=arm.weight, disp_tau=arm.tau, disp_block=arm.blocks,
         disp_margin=arm.margin, model=cfg.model,
     )  # fmt: skip
-    settings = {k: v for k, v in dataclasses.asdict(tc).items() if k not in ("results_dir", "ckpt", "device")}
+    # The key: the flags that define the experiment (disploss.training.config.EXPERIMENT_FIELDS) and the budget, so a
+    # new TrainConfig field (a logging or retention option) does not orphan the runs already made.
+    settings = {k: str(getattr(tc, k)) for k in (*EXPERIMENT_FIELDS, "max_steps", "ckpt_every")}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     results_dir = cfg.resolved_runs_dir() / arm.spec() / f"seed{seed}-{key}"
     return dataclasses.replace(tc, results_dir=str(results_dir), ckpt="latest")
