@@ -29,9 +29,8 @@ def summarize(path: Path) -> list[str]:
         t = r["train"]
         rows += ["| variant | batch | ms/step (median) | ms/step (min) | img/s | peak mem GB | model TFLOP/s | MFU | MFU vs 790 |",
                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for name in ("ours_nodisp", "ours_disp", "reference_nodisp", "reference_disp"):
-            if name in t:
-                v = t[name]
+        for name, v in t.items():
+            if isinstance(v, dict) and "step_ms" in v:  # a timed variant
                 rows.append(
                     f"| {name} | {t['batch']} | {_f(v['step_ms'])} | {_f(v['step_ms_min'])} | {_f(v['images_per_sec'])} "
                     f"| {_f(v['peak_mem_gb'], 2)} | {_f(v['model_tflops'], 3)} | {_f(v.get('mfu'), 1, True)} "
@@ -43,6 +42,12 @@ def summarize(path: Path) -> list[str]:
             f"{_f(t['disp_share_of_step_min'], 1, True)} (minima), {_f(t['disp_term_share_of_step'], 1, True)} "
             f"(the loss alone, {_f(t['disp_term_ms'], 2)} ms); reference: {t['reference'].get('status')}"
         )
+        for name, o in t.get("overhead", {}).items():
+            rows.append(
+                f"{name} / ours_nodisp step time ({o['blocks']} block(s)): {_f(o['ratio_paired'], 3)} per round "
+                f"(quartiles {_f(o['ratio_paired_q1'], 3)}-{_f(o['ratio_paired_q3'], 3)}), {_f(o['ratio_medians'], 3)} "
+                f"medians, {_f(o['ratio_minima'], 3)} minima; the loss alone {_f(o['loss_alone_share_of_step'], 1, True)}"
+            )
         if "speedup_nodisp" in t["reference"]:
             ref = t["reference"]
             rows.append(

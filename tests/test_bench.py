@@ -59,6 +59,32 @@ def test_quick_writes_every_number(tmp_path, capsys):
     assert "ours_disp" in printed and "NFE/image" in printed and "wrote" in printed
 
 
+def test_disp_blocks_adds_one_variant_per_block_spec(tmp_path):
+    """Each --disp-blocks value is its own variant, regularising exactly its blocks (SiT-T/2 has 6), timed in the
+    same interleaved rounds as the others; the other variants' regularisers stay off during its steps."""
+    report = _run(tmp_path, "--sections", "train", "--steps", "2", "--warmup", "0", "--disp-blocks", "all; 0,-5")
+    train = report["train"]
+    expected = {
+        "ours_nodisp": [],
+        "ours_disp": ["blocks.5"],
+        "ours_disp[all]": [f"blocks.{i}" for i in range(6)],
+        "ours_disp[0,-5]": ["blocks.0", "blocks.1"],
+    }
+    for variant, layers in expected.items():
+        assert train[variant]["regularised_layers"] == layers, variant
+        assert len(train[variant]["step_ms_all"]) == 2
+    assert set(train["overhead"]) == set(expected) - {"ours_nodisp"}
+    for variant, over in train["overhead"].items():
+        assert over["blocks"] == len(expected[variant])
+        for key in ("ratio_medians", "ratio_minima", "ratio_paired", "ratio_paired_q1", "ratio_paired_q3"):
+            _positive(over[key], f"{variant}.{key}")
+        assert over["ratio_paired_q1"] <= over["ratio_paired"] <= over["ratio_paired_q3"]
+        with_ms, without_ms = train[variant]["step_ms_all"], train["ours_nodisp"]["step_ms_all"]
+        assert over["ratio_minima"] == pytest.approx(min(with_ms) / min(without_ms))
+        paired = sorted(w / o for w, o in zip(with_ms, without_ms))
+        assert over["ratio_paired"] == pytest.approx(sum(paired) / 2)
+
+
 def test_reference_models_are_timed_side_by_side(tmp_path):
     """A stand-in reference checkout (our own presets under the reference's module interface, so no timm)."""
     ref = tmp_path / "ref"
@@ -102,6 +128,8 @@ def test_reference_path_without_models_py(tmp_path):
         (["--sample-steps", "1"], "--sample-steps must be at least 2"),
         (["--model", "SiT-S/4", "--input-size", "6"], "input size 6 is not divisible by the patch size 4"),
         (["--peak-tflops", "0"], "--peak-tflops must be positive"),
+        (["--disp-blocks", "all;last"], "--disp-blocks 'last' is not a block index"),
+        (["--disp-blocks", "0,6"], "--disp-blocks: --disp-block 6 is out of range: SiT-T/2 has 6 blocks"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(capsys, argv, expected):

@@ -6,6 +6,7 @@ log of the mean of exponentials, autograd through both), on a diffusers UNet, a 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -197,6 +198,39 @@ def test_diffusers_gradient_checkpointing_does_not_capture_twice():
         assert reg._captured == []
 
 
+def test_a_layer_inside_a_reentrant_checkpoint_is_named_in_a_warning():
+    """A reentrant checkpoint runs its first forward under no_grad: the layer inside captures nothing, and loss()
+    says so (once) instead of silently averaging over the other layers; non-reentrant checkpointing captures all."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self, reentrant: bool):
+            super().__init__()
+            self.blocks, self.reentrant = nn.ModuleList(nn.Linear(6, 6) for _ in range(3)), reentrant
+
+        def forward(self, x):
+            x = self.blocks[0](x)
+            x = checkpoint(self.blocks[1], x, use_reentrant=self.reentrant)
+            return self.blocks[2](x)
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    for reentrant in (False, True):
+        model = Net(reentrant).train()
+        reg = DispersiveRegularizer(model, layers="all")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                model(x).sum().add(reg.loss()).backward()
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        if reentrant:
+            assert sorted(reg.last_values) == ["blocks.0", "blocks.2"]
+            assert len(messages) == 1 and messages[0].startswith("DispersiveRegularizer: blocks.1 captured nothing")
+            assert "use_reentrant=False" in messages[0]
+        else:
+            assert sorted(reg.last_values) == ["blocks.0", "blocks.1", "blocks.2"] and messages == []
+
+
 def test_bf16_autocast_computes_in_float32(tiny_sit_factory):
     model = tiny_sit_factory(4, class_dropout_prob=0.0).train()
     reg = DispersiveRegularizer(model, layers="all")
@@ -225,6 +259,59 @@ def test_torch_compile_keeps_the_values_and_gradients(tiny_sit_factory, backend)
     (l0, v0, g0), (l1, v1, g1) = results
     torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-7)
     assert v0.keys() == v1.keys()
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_hooks_added_after_the_compiled_model_ran_are_an_error_not_silence(tiny_sit_factory):
+    torch._dynamo.reset()
+    model = tiny_sit_factory(4).train()
+    net = torch.compile(model, backend="eager")
+    x, t, y = torch.randn(4, 4, 8, 8), torch.rand(4), torch.randint(0, 5, (4,))
+    net(x, t, y)
+    reg = DispersiveRegularizer(net, layers="all")
+    net(x, t, y)  # the cached graph has no hooks: nothing is captured
+    with pytest.raises(RuntimeError, match="nothing captured .* build the regulariser before the compiled model"):
+        reg.loss()
+    reg.remove()
+
+
+def test_compile_traces_captures_inside_checkpointed_blocks(tiny_sit_factory, monkeypatch):
+    """Under activation checkpointing a capture is a side effect inside the checkpoint: dynamo breaks the graph there
+    (fullgraph=True refuses) unless told not to replay it in backward. SiT training's build_regularizer sets that
+    with --compile --grad-checkpointing; the compiled step then equals the eager one."""
+    from disploss.training import TrainConfig
+    from disploss.training.objective import build_regularizer
+
+    config = torch._dynamo.config
+    if not hasattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        pytest.skip("this torch has no skip_fwd_side_effects_in_bwd_under_checkpoint")
+    monkeypatch.setattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint", False)  # restored after the test
+    x, t, y = torch.randn(4, 4, 8, 8), torch.rand(4), torch.randint(0, 5, (4,))
+    cfg = TrainConfig(model="SiT-T/2", disp=True, disp_block="all", disp_weight=0.4, compile=True,
+                      grad_checkpointing=True)  # fmt: skip
+    model = tiny_sit_factory(3, class_dropout_prob=0.0).train()
+    model.grad_checkpointing = True
+    with DispersiveRegularizer(model, layers="all"):
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.Unsupported, match="side effect"):
+            torch.compile(model, backend="eager", fullgraph=True)(x, t, y)
+
+    results = []
+    for compiled in (False, True):
+        model = tiny_sit_factory(3, class_dropout_prob=0.0).train()
+        model.grad_checkpointing = True
+        reg = build_regularizer(model, cfg)
+        assert config.skip_fwd_side_effects_in_bwd_under_checkpoint
+        torch._dynamo.reset()
+        net = torch.compile(model, backend="eager", fullgraph=True) if compiled else model
+        loss = net(x, t, y).square().mean() + reg.loss()
+        loss.backward()
+        assert reg._captured == [] and list(reg.last_values) == ["blocks.0", "blocks.1"]
+        results.append((loss.detach(), grads_of(model)))
+        reg.remove()
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-7)
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
 

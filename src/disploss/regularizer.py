@@ -8,18 +8,23 @@
 Layer names are those of `model.named_modules()`; in a pattern `*` stands for exactly one dotted name component
 (`blocks.*` is every SiT block, `down_blocks.*` each diffusers down block, not their children), and "all" is every
 child of the model's first ModuleList (SiT: its blocks). A DDP- or torch.compile-wrapped model is unwrapped to
-name its layers; the hooks sit on the wrapped module, so they fire whichever wrapper calls it.
+name its layers; the hooks sit on the wrapped module, so they fire whichever wrapper calls it. Under torch.compile,
+build the regulariser before the compiled model first runs: dynamo does not trace hooks added later (loss() then
+finds nothing captured and says so).
 
 What is captured: a tensor output as is; of a tuple or list, its first tensor; of a dict or a diffusers BaseOutput,
 its first tensor value; flattened per sample to (B, M). Nothing is captured (and nothing kept) when the hooked
 module is in eval mode, when gradients are off (torch.no_grad, inference), or when activation checkpointing
-recomputes the forward inside backward: a checkpointed layer contributes its first forward only.
+recomputes the forward inside backward: a checkpointed layer contributes its first forward only. Inside a
+*reentrant* checkpoint (use_reentrant=True) the first forward runs without gradients, so such a layer is not
+captured at all: `loss()` warns (once) naming the layers that captured nothing.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +34,7 @@ from torch import nn
 from disploss.dispersive import check_variant, dispersion_stats, dispersive_loss
 from disploss.errors import ConfigError
 
-__all__ = ["DispersiveRegularizer", "resolve_layers", "unwrap_model"]
+__all__ = ["DispersiveRegularizer", "compile_checkpointed_captures", "resolve_layers", "unwrap_model"]
 
 _WRAPPERS = ("DistributedDataParallel", "DataParallel", "OptimizedModule")
 _WRAPPER_ATTRS = ("module", "_orig_mod")  # where DDP / DataParallel and torch.compile's OptimizedModule keep it
@@ -43,7 +48,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def _all_layers(names: list[str], modules: dict[str, nn.Module]) -> list[str]:
-    # "all": the children of the first ModuleList (SiT's blocks, a timm ViT's blocks); ambiguous otherwise.
+    # "all": the children of the first ModuleList (SiT's blocks, a diffusers DiT's transformer_blocks); ambiguous
+    # otherwise (a timm ViT keeps its blocks in an nn.Sequential: name them, blocks.*).
     for name in names:
         if name and isinstance(modules[name], nn.ModuleList):
             return [f"{name}.{k}" for k, _ in modules[name].named_children()]
@@ -106,6 +112,24 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return next((v for v in values if isinstance(v, torch.Tensor)), None)
 
 
+def compile_checkpointed_captures() -> bool:
+    """Let torch.compile trace the capture hooks inside activation-checkpointed layers without graph breaks.
+
+    A capture is a side effect of the forward; inside torch.utils.checkpoint dynamo refuses to trace one (a graph
+    break at every checkpointed block: SiT-S/2 with all blocks hooked compiles to 5 graphs) unless told not to replay
+    it when backward recomputes the forward, which is what the hooks do in eager mode anyway. This sets
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint, for the whole process.
+
+    Returns:
+        False when this torch has no such setting (nothing changed), else True.
+    """
+    config = torch._dynamo.config
+    if not hasattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        return False
+    config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    return True
+
+
 def _world_size() -> int:
     from disploss.distributed import get_world_size
 
@@ -164,6 +188,7 @@ class DispersiveRegularizer:
         self.last_diagnostics: dict[str, dict[str, torch.Tensor]] = {}
         self._captured: list[tuple[str, torch.Tensor]] = []
         self._diagnose = False
+        self._warned_missing = False
         modules = dict(unwrap_model(model).named_modules())
         self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.layer_names]
 
@@ -200,7 +225,19 @@ class DispersiveRegularizer:
         if not captured:
             raise RuntimeError(
                 f"DispersiveRegularizer: nothing captured from {', '.join(self.layer_names)} since the last loss(); "
-                "run the model in training mode with gradients enabled before calling loss()"
+                "run the model in training mode with gradients enabled before calling loss() (with torch.compile, "
+                "build the regulariser before the compiled model first runs: hooks added later are not traced)"
+            )
+        missing = [name for name in self.layer_names if name not in {n for n, _ in captured}]
+        if missing and not self._warned_missing:
+            self._warned_missing = True  # once: a layer left out of every forward would otherwise warn every step
+            warnings.warn(
+                f"DispersiveRegularizer: {', '.join(missing)} captured nothing since the last loss(), so their term is "
+                "missing from it: they did not run, or ran in eval mode, under torch.no_grad(), or inside a reentrant "
+                "torch.utils.checkpoint (whose forward runs without gradients); use checkpoint(..., use_reentrant="
+                "False)",
+                RuntimeWarning,
+                stacklevel=2,
             )
         batch = captured[0][1].shape[0]
         if batch < 2 and not (self.gather and _world_size() > 1):

@@ -7,15 +7,19 @@ from collections.abc import Callable
 
 import torch
 
-from disploss.regularizer import DispersiveRegularizer
+from disploss.regularizer import DispersiveRegularizer, compile_checkpointed_captures
 from disploss.training.config import TrainConfig, disp_blocks
 
 
 def build_regularizer(model: torch.nn.Module, cfg: TrainConfig) -> DispersiveRegularizer | None:
     """The regulariser of --disp on the blocks of --disp-block (None without --disp). Build it on the unwrapped
-    model before DDP / torch.compile wrap it: the hooks then fire whichever wrapper calls the blocks."""
+    model before DDP / torch.compile wrap it: the hooks then fire whichever wrapper calls the blocks. With --compile
+    and --grad-checkpointing it also lets dynamo trace the captures inside the checkpointed blocks (see
+    disploss.regularizer.compile_checkpointed_captures)."""
     if not cfg.disp:
         return None
+    if cfg.compile and cfg.grad_checkpointing:
+        compile_checkpointed_captures()  # else a graph break at every checkpointed block
     blocks = disp_blocks(cfg.disp_block, len(model.blocks), cfg.model)
     return DispersiveRegularizer(
         model, layers=[f"blocks.{i}" for i in blocks], weight=cfg.disp_weight, tau=cfg.disp_tau,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from disploss.errors import ConfigError
 from disploss.options import at_least, check_options, option, positive
 from disploss.runtime import DEVICES, PRECISIONS
+from disploss.training.config import check_block_spec
 
 SECTIONS = ("train", "disp", "sample")
 SAMPLERS = ("dopri5", "euler", "heun2", "sde-euler")
@@ -27,6 +28,15 @@ def _names(text: str, choices: tuple[str, ...], flag: str) -> tuple[str, ...]:
     if bad or not items:
         raise ConfigError(f"{flag}: unknown {bad or 'empty list'}; valid choices: {', '.join(choices)}")
     return items
+
+
+def _check_block_specs(text: str) -> str | None:
+    return next(filter(None, map(check_block_spec, block_specs(text))), None)
+
+
+def block_specs(text: str) -> list[str]:
+    """The --disp-block values of --disp-blocks ('0,6,11;all' -> ['0,6,11', 'all'])."""
+    return [s.replace(" ", "") for s in text.split(";") if s.strip()]
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,11 @@ class BenchConfig:
     peak_tflops: float | None = option(
         None, "peak TFLOP/s for MFU (default: H100/H200 dense datasheet for the precision: bf16 989, tf32 494.7, fp32 "
         "66.9)", check=positive,
+    )  # fmt: skip
+    disp_blocks: str = option(
+        "", "more dispersive variants of the train section, beside ours_disp (the last block): --disp-block values "
+        "separated by ';', e.g. all or '0,6,11;all', each timed as ours_disp[VALUE]", check=_check_block_specs,
+        metavar="SPECS",
     )  # fmt: skip
     disp_weight: float = option(0.25, "lambda (the reference's)")
     disp_tau: float = option(1.0, "temperature", check=positive)

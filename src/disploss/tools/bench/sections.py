@@ -3,9 +3,10 @@
 Sections (--sections, all by default):
   train   a full training step, the very `train_step` that `disploss train` runs (forward, backward, gradient
           norm, non-finite check, AdamW, EMA), on
-          synthetic latents, with and without the dispersive term, interleaved step by step so that both
-          see the same machine load; images/s, peak memory, the dispersive term's share of the step; with
-          --reference-path also the reference code's model and loss, side by side in the same process.
+          synthetic latents, with and without the dispersive term (the last block; with --disp-blocks also
+          other blocks, e.g. all), interleaved step by step so that all variants see the same machine load;
+          images/s, peak memory, the dispersive term's share of the step and each regulariser's step-time ratio
+          against none; with --reference-path also the reference code's model and loss, side by side.
   disp    the dispersive loss alone (forward + backward): ours against the reference's formula.
   sample  sampling images/s and model evaluations (NFE) per image for each sampler, counted by a wrapper.
 
@@ -34,7 +35,7 @@ from collections.abc import Callable
 import torch
 
 from disploss.runtime import autocast, set_precision
-from disploss.tools.bench.config import BenchConfig
+from disploss.tools.bench.config import BenchConfig, block_specs
 from disploss.tools.bench.harness import (
     DATASHEET_PEAK_TFLOPS,
     MFU,
@@ -102,7 +103,9 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
     """Full training steps (disploss.training.step.train_step, what `disploss train` runs), with and without the
     dispersive term (and the reference's, with --reference-path)."""
     from disploss.dispersive import dispersive_loss
+    from disploss.errors import ConfigError
     from disploss.training import TrainConfig
+    from disploss.training.config import disp_blocks
     from disploss.training.ema import EMA
     from disploss.training.objective import build_regularizer, flow_objective
     from disploss.training.step import StepParts, train_step
@@ -118,23 +121,37 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
     net = torch.compile(model) if cfg.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
 
-    # The regulariser of `disploss train --disp` (last block), enabled only during the steps that use it.
-    run_cfg = TrainConfig(disp=True, disp_weight=cfg.disp_weight, disp_tau=cfg.disp_tau, precision=cfg.precision)
-    regularizer = build_regularizer(model, run_cfg)
+    # The regularisers of `disploss train --disp` (last block: ours_disp) and of `--disp-block SPEC` for each
+    # --disp-blocks value (ours_disp[SPEC]); each is enabled only during the steps of its variant.
+    specs = {"ours_disp": "-1", **{f"ours_disp[{spec}]": spec for spec in block_specs(cfg.disp_blocks)}}
+    for spec in specs.values():
+        try:
+            disp_blocks(spec, len(model.blocks), cfg.model)
+        except ConfigError as err:
+            raise ConfigError(f"--disp-blocks: {err}") from None
+    regularizers = {
+        name: build_regularizer(model, TrainConfig(
+            model=cfg.model, disp=True, disp_block=spec, disp_weight=cfg.disp_weight, disp_tau=cfg.disp_tau,
+            precision=cfg.precision, compile=cfg.compile, grad_checkpointing=cfg.grad_checkpointing))
+        for name, spec in specs.items()
+    }  # fmt: skip
 
-    def ours(disp: bool) -> Callable[[], None]:
-        objective = flow_objective(transport, regularizer if disp else None)
+    def ours(variant: str) -> Callable[[], None]:
+        objective = flow_objective(transport, regularizers.get(variant))
         parts = StepParts(
             net=net, objective=objective, opt=opt, ema=ema, params=params, device=device, precision=cfg.precision
         )
 
         def step() -> None:
-            regularizer.enabled = disp
-            train_step(parts, x, y)
+            for name, regularizer in regularizers.items():
+                regularizer.enabled = name == variant
+            regularised[variant] = list(train_step(parts, x, y).layers)
 
         return step
 
-    variants = {"ours_nodisp": ours(False), "ours_disp": ours(True)}
+    regularised: dict[str, list[str]] = {}  # the layers each variant's last step regularised
+
+    variants = {name: ours(name) for name in ("ours_nodisp", *regularizers)}
     reference = {"status": "not requested (--reference-path)"}
     if cfg.reference_path:
         reference = reference_training(cfg, model, x, y, device, autocast(device, cfg.precision))
@@ -151,6 +168,7 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
         out[name] = {
             "step_ms": 1e3 * med, "step_ms_min": 1e3 * best, "step_ms_all": [1e3 * t for t in times[name]],
             "images_per_sec": B / med, "images_per_sec_best": B / best, "peak_mem_gb": mems[name],
+            "regularised_layers": regularised.get(name),
             **mfu(flops_per_step / med),
         }  # fmt: skip
         log(f"  {name:<18} {1e3 * med:9.1f} ms/step (min {1e3 * best:.1f})  {B / med:9.1f} img/s  "
@@ -168,6 +186,17 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
     log(f"  dispersive term share of the step: {100 * out['disp_share_of_step']:.1f}% (medians), "
          f"{100 * out['disp_share_of_step_min']:.1f}% (minima), {100 * out['disp_term_share_of_step']:.1f}% "
          f"(the loss alone, {1e3 * t_disp:.2f} ms fwd+bwd)")  # fmt: skip
+    # Each regulariser's cost as step-time ratios against no regulariser (the ratio within each round is the least
+    # noisy: both steps of a round see nearly the same load).
+    out["overhead"] = {name: _overhead(times[name], times["ours_nodisp"]) for name in regularizers}
+    for name, regularizer in regularizers.items():
+        over = out["overhead"][name]
+        over["blocks"] = len(regularizer.layer_names)
+        over["loss_alone_share_of_step"] = over["blocks"] * t_disp / statistics.median(times[name])
+        log(f"  {name:<18} / ours_nodisp step time: {over['ratio_paired']:.3f} (per round; quartiles "
+             f"{over['ratio_paired_q1']:.3f}-{over['ratio_paired_q3']:.3f}), {over['ratio_medians']:.3f} (medians), "
+             f"{over['ratio_minima']:.3f} (minima); {over['blocks']} block(s), the loss alone "
+             f"{100 * over['loss_alone_share_of_step']:.1f}% of the step")  # fmt: skip
     if "reference_nodisp" in out:
         for kind, key in (("", "step_ms"), ("_min", "step_ms_min")):
             reference[f"speedup_nodisp{kind}"] = out["reference_nodisp"][key] / out["ours_nodisp"][key]
@@ -178,9 +207,22 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
     else:
         log(f"  reference: {reference['status']}")
     out["reference"] = reference
-    regularizer.remove()
+    for regularizer in regularizers.values():
+        regularizer.remove()
     model.zero_grad(set_to_none=True)  # frees the gradients (and with the optimizer, its state) before sampling
     return out
+
+
+def _overhead(with_s: list[float], without_s: list[float]) -> dict:
+    """Step-time ratios with / without a regulariser from interleaved timings (round i of both lists is one
+    round): of the medians, of the minima, and the median and quartiles of the per-round ratios."""
+    paired = [w / o for w, o in zip(with_s, without_s)]
+    q1, q2, q3 = statistics.quantiles(paired, n=4, method="inclusive") if len(paired) > 1 else paired * 3
+    return {
+        "ratio_medians": statistics.median(with_s) / statistics.median(without_s),
+        "ratio_minima": min(with_s) / min(without_s),
+        "ratio_paired": q2, "ratio_paired_q1": q1, "ratio_paired_q3": q3,
+    }  # fmt: skip
 
 
 # -- dispersive loss alone --------------------------------------------------------------------------------
