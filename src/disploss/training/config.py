@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from disploss.data.images import BAD_IMAGE_POLICIES
 from disploss.dispersive import VARIANTS
 from disploss.errors import ConfigError
+from disploss.meanflow import MeanFlowSettings
 from disploss.options import at_least, check_options, option, positive
 from disploss.runtime import DEVICES, PRECISIONS
 from disploss.sampling.config import check_cfg_scale
@@ -19,6 +20,7 @@ from disploss.transport import LOSS_WEIGHTS, PATH_TYPES, PREDICTIONS
 
 DIGITS = "builtin:digits"
 NONFINITE_POLICIES = ("error", "skip")
+OBJECTIVES = ("flow", "meanflow")  # flow matching (SiT); MeanFlow (disploss.meanflow: 1-step sampling)
 
 
 def check_block_spec(spec: str) -> str | None:
@@ -90,6 +92,12 @@ class TrainConfig:
     )
     device: str | None = option(None, "cuda or cpu (default: cuda when available)", choices=(None, *DEVICES))
     sample_steps: int = option(50, "Heun ODE steps of the in-training sample grids")
+    # -- MeanFlow (issue 12): the objective and its settings (--meanflow-*, disploss.meanflow.MeanFlowSettings) --
+    objective: str = option(
+        "flow", "flow: flow matching (the reference); meanflow: MeanFlow's average velocity, sampled in 1 step "
+        "(`sample.py MeanFlow`); needs --path-type Linear --prediction velocity", choices=OBJECTIVES,
+    )  # fmt: skip
+    meanflow: MeanFlowSettings = option(default_factory=MeanFlowSettings)
 
     def __post_init__(self):
         if isinstance(self.disp_block, int):  # TrainConfig(disp_block=6) from Python
@@ -149,3 +157,12 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         )
     if cfg.disp and not (cfg.disp_weight > 0 and cfg.disp_tau > 0):
         raise ConfigError("--disp-weight and --disp-tau must be positive")
+    if cfg.objective == "meanflow" and (cfg.path_type, cfg.prediction) != ("Linear", "velocity"):
+        flag, value, need = (
+            ("--path-type", cfg.path_type, "Linear") if cfg.path_type != "Linear" else
+            ("--prediction", cfg.prediction, "velocity")
+        )  # fmt: skip
+        raise ConfigError(
+            f"--objective meanflow does not support {flag} {value}: MeanFlow learns the average velocity of the "
+            f"Linear path; use {flag} {need} (the default)"
+        )

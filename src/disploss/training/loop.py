@@ -24,7 +24,7 @@ def train(cfg: TrainConfig) -> Path:
     from disploss.training import state as st
     from disploss.training.ema import EMA
     from disploss.training.metrics import RunningMeans
-    from disploss.training.objective import build_regularizer, flow_objective
+    from disploss.training.objective import build_objective, build_regularizer
     from disploss.training.runlog import RunLogger
     from disploss.training.step import NonFiniteWatch, StepParts, make_adamw, nonfinite_term, train_step
     from disploss.transport import create_transport
@@ -44,7 +44,10 @@ def train(cfg: TrainConfig) -> Path:
         from disploss.data.vae import load_vae
 
         grid_codec = load_vae(td.dataset.vae, device)
-    model = create_model(cfg.model, input_size=td.input_size, in_channels=td.in_channels, num_classes=cfg.num_classes)
+    model = create_model(
+        cfg.model, input_size=td.input_size, in_channels=td.in_channels, num_classes=cfg.num_classes,
+        meanflow=cfg.objective == "meanflow",  # MeanFlow: a second time input (disploss.meanflow)
+    )  # fmt: skip
     model = model.to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
     transport = create_transport(cfg.path_type, cfg.prediction, cfg.loss_weight, cfg.train_eps, cfg.sample_eps)
@@ -89,9 +92,9 @@ def train(cfg: TrainConfig) -> Path:
         net = torch.compile(net)
     model.train()
     parts = StepParts(
-        net=net, objective=flow_objective(transport, regularizer), opt=opt, ema=ema, device=device, precision=cfg.precision,
-        params=[p for p in model.parameters() if p.requires_grad], grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
-        skip_nonfinite=cfg.on_nonfinite == "skip",
+        net=net, objective=build_objective(cfg, transport, regularizer), opt=opt, ema=ema, device=device,
+        precision=cfg.precision, params=[p for p in model.parameters() if p.requires_grad], grad_clip=cfg.grad_clip,
+        ema_decay=cfg.ema_decay, skip_nonfinite=cfg.on_nonfinite == "skip",
     )  # fmt: skip
     encode = td.codec.encode if td.codec is not None and td.codec.spec != "none" else None
 

@@ -120,9 +120,9 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path | None, model: torch.nn.Modu
             # Two checkpoints fit at once: the last one and the one being written beside it.
             check_writable(run_dir or cfg.results_dir, min_free_bytes=2 * checkpoint_size_bytes(model))
             if run_dir is None:
-                run_dir = create_experiment_dir(
-                    cfg.results_dir, cfg.model, cfg.path_type, cfg.prediction, cfg.loss_weight
-                )
+                # A MeanFlow run says so in its folder's name: 000-SiT-B-2-Linear-meanflow-None
+                prediction = cfg.prediction if cfg.objective == "flow" else "meanflow"
+                run_dir = create_experiment_dir(cfg.results_dir, cfg.model, cfg.path_type, prediction, cfg.loss_weight)
             else:
                 _remove_stale_temporaries(run_dir / "checkpoints")
             result = str(run_dir)

@@ -5,7 +5,8 @@ Sections (--sections, all by default):
           norm, non-finite check, AdamW, EMA), on
           synthetic latents, with and without the dispersive term, interleaved step by step so that both
           see the same machine load; images/s, peak memory, the dispersive term's share of the step; with
-          --reference-path also the reference code's model and loss, side by side in the same process.
+          --reference-path also the reference code's model and loss, side by side in the same process; with
+          --meanflow also the step of `train --objective meanflow` (disploss.tools.bench.meanflow).
   disp    the dispersive loss alone (forward + backward): ours against the reference's formula.
   sample  sampling images/s and model evaluations (NFE) per image for each sampler, counted by a wrapper.
 
@@ -135,6 +136,11 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
         return step
 
     variants = {"ours_nodisp": ours(False), "ours_disp": ours(True)}
+    if cfg.meanflow:  # the MeanFlow step beside the flow step, same batch (disploss.tools.bench.meanflow)
+        from disploss.tools.bench import meanflow as mf_bench
+
+        mf_steps, mf_parts = mf_bench.meanflow_variants(cfg, model, x, y, device, lambda p: _adamw(p, cfg.adamw))
+        variants.update(mf_steps)
     reference = {"status": "not requested (--reference-path)"}
     if cfg.reference_path:
         reference = reference_training(cfg, model, x, y, device, autocast(device, cfg.precision))
@@ -178,6 +184,11 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
     else:
         log(f"  reference: {reference['status']}")
     out["reference"] = reference
+    if cfg.meanflow:
+        params = {"ours_nodisp": params, "ours_meanflow": list(mf_parts["model"].parameters())}
+        out["meanflow"] = mf_bench.summarise(out, variants, params, log)
+        mf_parts["regularizer"].remove()
+        del mf_parts
     regularizer.remove()
     model.zero_grad(set_to_none=True)  # frees the gradients (and with the optimizer, its state) before sampling
     return out

@@ -4,6 +4,7 @@ anyone can run.
     disploss experiment digits --threads 1          # baseline vs dispersive, seeds 0,1,2: ~20 min on 2 CPU cores
     disploss experiment digits --quick              # the same pipeline in under a minute (1 seed, tiny budget)
     disploss experiment digits --grid               # + every dispersive variant and a lambda x tau grid (hours)
+    disploss experiment digits --meanflow           # + MeanFlow arms, and FID against the number of model calls
 
 `digits`: the demo's SiT (disploss.tools.demo.DEMO: SiT-T/2, pixel space, the bundled scikit-learn digits) is trained by
 `disploss.training.train` for a fixed budget of steps in each arm and seed; checkpoints are written every
@@ -33,6 +34,14 @@ Choices, and why:
   0.999**1500 = 22% of the random initialisation (69% at the first quarter), so early checkpoints would measure
   the EMA's lag, not the model.
 - No guidance by default (--cfg-scale 1): the paper's no-cfg setting, and half the model calls.
+
+--meanflow (MeanFlow, disploss.meanflow; one-step generation): two more arms train `--objective meanflow` with the
+same budget (steps, batch, EMA, seeds), without and with the dispersive term (the demo's InfoNCE-cosine recipe, for
+the reason above), folding the experiment's guidance scale into their target (omega = --cfg-scale) and sampling
+without guidance at 1 model call per image at every checkpoint. The final checkpoint of every run is also scored
+against the number of model calls: the flow arms with Euler at 1, 2, 4, 8 and Heun at 20 calls, the MeanFlow arms
+at 1 and 2 (NFE_SWEEP); fid_vs_nfe.png plots it. A MeanFlow step costs more than a flow step (BENCHMARKS.md): the
+budget rule is steps, not time.
 """
 
 from __future__ import annotations
@@ -69,6 +78,7 @@ def float_list(text: str) -> tuple[float, ...]:
 
 
 RESULTS_SCHEMA = "disploss-experiment-digits-v1"
+OBJECTIVES = ("flow", "meanflow")
 METRICS = ("fid", "precision", "recall", "class_accuracy")
 
 
@@ -78,15 +88,19 @@ METRICS = ("fid", "precision", "recall", "class_accuracy")
 
 @dataclass(frozen=True)
 class Arm:
-    """One training recipe: the baseline (disp=False) or a dispersive variant with its lambda and tau."""
+    """One training recipe: the baseline (disp=False) or a dispersive variant with its lambda and tau; the
+    objective flow (flow matching) or meanflow (MeanFlow, sampled in 1 step)."""
 
     name: str
     disp: bool
     variant: str = "infonce_l2"
     weight: float = 0.25
     tau: float = 1.0
+    objective: str = "flow"
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}; valid choices: {', '.join(OBJECTIVES)}")
         if self.variant not in VARIANTS:
             raise ConfigError(f"unknown dispersive variant {self.variant!r}; valid choices: {', '.join(VARIANTS)}")
         if self.disp and not (self.weight > 0 and self.tau > 0):
@@ -94,6 +108,9 @@ class Arm:
 
     def describe(self) -> str:
         """A one-line description for tables."""
+        if self.objective == "meanflow":
+            return "MeanFlow, 1 model call" + (f" + {dataclasses.replace(self, objective='flow').describe()}"
+                                              if self.disp else "")  # fmt: skip
         if not self.disp:
             return "flow matching only"
         if self.variant == "covariance":
@@ -109,6 +126,37 @@ DISPERSIVE = Arm("dispersive", disp=True)  # the release's default: InfoNCE-L2, 
 DISPERSIVE_COSINE = Arm("dispersive_cosine", disp=True, variant="infonce_cosine", weight=0.25, tau=0.5)
 
 
+# -- MeanFlow arms and the NFE sweep (issue 12) -----------------------------------------------------------------
+MEANFLOW = Arm("meanflow", disp=False, objective="meanflow")
+MEANFLOW_DISPERSIVE = Arm("meanflow_dispersive", disp=True, variant="infonce_cosine", weight=0.25, tau=0.5,
+                          objective="meanflow")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """How a checkpoint is sampled: euler or heun (a flow model's fixed-step ODE) or meanflow, with `nfe` model
+    calls per image (heun: even)."""
+
+    kind: str
+    nfe: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.nfe}"
+
+
+NFE_SWEEP = {
+    "flow": tuple(SamplerSpec("euler", n) for n in (1, 2, 4, 8)) + (SamplerSpec("heun", 20),),
+    "meanflow": (SamplerSpec("meanflow", 1), SamplerSpec("meanflow", 2)),
+}
+
+
+def primary_spec(arm: Arm) -> SamplerSpec | None:
+    """The sampler of an arm's every checkpoint: None = the experiment's Heun (--sample-steps); MeanFlow: 1 call."""
+    return SamplerSpec("meanflow", 1) if arm.objective == "meanflow" else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
 def grid_arms(lambdas: tuple[float, ...], taus: tuple[float, ...]) -> list[Arm]:
     """The arms --grid adds: the other three variants at the default lambda / tau, then InfoNCE-L2 over
     lambdas x taus (the default pair, which is the `dispersive` arm, left out)."""
@@ -151,6 +199,8 @@ class DigitsConfig:
         "jobs (threads of an oversubscribed pool wait for each other)", check=at_least(1),
     )  # fmt: skip
     quick: bool = option(False, "a smoke run in about a minute: 40 steps, seed 0 only, 100 samples, 3-epoch classifier")
+    meanflow: bool = option(False, "also train MeanFlow arms (without and with the dispersive term) and score the "
+                            "final checkpoints against the number of model calls (see the module docstring)")  # fmt: skip
     classifier: ClassifierConfig = option(default_factory=ClassifierConfig, cli=False)
 
     def __post_init__(self):
@@ -167,9 +217,11 @@ class DigitsConfig:
             )
 
     def arms(self) -> list[Arm]:
-        """Baseline and dispersive, then the grid's arms with --grid."""
-        return [BASELINE, DISPERSIVE, DISPERSIVE_COSINE] + (
-            grid_arms(self.grid_lambdas, self.grid_taus) if self.grid else []
+        """Baseline and dispersive, then the grid's arms with --grid, then the MeanFlow arms with --meanflow."""
+        return (
+            [BASELINE, DISPERSIVE, DISPERSIVE_COSINE]
+            + (grid_arms(self.grid_lambdas, self.grid_taus) if self.grid else [])
+            + ([MEANFLOW, MEANFLOW_DISPERSIVE] if self.meanflow else [])
         )
 
     def eval_steps(self) -> list[int]:
@@ -201,7 +253,13 @@ def train_config(cfg: DigitsConfig, arm: Arm, seed: int):
         ckpt_every=cfg.steps // cfg.evals, sample_every=0, log_every=max(1, min(100, cfg.steps // 10)),
         disp_variant=arm.variant, disp_weight=arm.weight, disp_tau=arm.tau,
     )  # fmt: skip
+    if arm.objective == "meanflow":  # guidance folded into the target at the experiment's scale
+        tc = dataclasses.replace(
+            tc, objective="meanflow", meanflow=dataclasses.replace(tc.meanflow, omega=cfg.cfg_scale)
+        )
     settings = {k: v for k, v in dataclasses.asdict(tc).items() if k not in ("results_dir", "ckpt", "device")}
+    if arm.objective == "flow":  # the keys of flow runs made before MeanFlow existed stay valid
+        settings = {k: v for k, v in settings.items() if k not in ("objective", "meanflow")}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     results_dir = cfg.resolved_runs_dir() / arm.name / f"seed{seed}-{key}"
     return dataclasses.replace(tc, results_dir=str(results_dir), ckpt="latest")
