@@ -263,7 +263,7 @@ def test_guidance_is_batched_above_one(ckpts):
     "argv, expected",
     [
         (["ODE", "--cfg-scale", "0.5"], "argument --cfg-scale: must be >= 1.0"),
-        (["XYZ"], "invalid choice: 'XYZ' (choose from 'ODE', 'SDE')"),
+        (["XYZ"], "invalid choice: 'XYZ' (choose from 'ODE', 'SDE', 'MeanFlow')"),
         (["ODE", "--guide-channels", "two"], "argument --guide-channels: 'two': valid values are a positive integer"),
         (["SDE", "--sampling-method", "dopri5"], "argument --sampling-method: invalid choice"),
         (["ODE", "--pixel-conversion", "floor"], "argument --pixel-conversion: invalid choice"),

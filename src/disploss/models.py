@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -79,8 +80,23 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)  # (B, D)
 
 
+def _is_dual(x: torch.Tensor) -> bool:
+    # A forward-mode AD dual tensor (torch.autograd.forward_ad), e.g. inside MeanFlow's Jacobian-vector product.
+    if torch.compiler.is_compiling():
+        return False
+    return fwAD.unpack_dual(x).tangent is not None
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v written out: what SDPA computes, in ops that support forward-mode AD (SDPA's fused
+    CPU / CUDA kernels have no forward derivative). q, k, v (B, heads, T, d) -> (B, heads, T, d)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, T, T)
+    return scores.softmax(dim=-1) @ v
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention on F.scaled_dot_product_attention (flash / memory-efficient when available)."""
+    """Multi-head self-attention on F.scaled_dot_product_attention (flash / memory-efficient when available); on
+    forward-mode AD dual inputs (MeanFlow's JVP) the same attention written out (`math_attention`)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -94,7 +110,7 @@ class Attention(nn.Module):
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, D/heads)
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = math_attention(q, k, v) if _is_dual(q) else F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
 
@@ -169,6 +185,9 @@ class SiT(nn.Module):
         num_classes: number of classes; the null class is index num_classes.
         learn_sigma: the output layer has 2*in_channels channels and the forward keeps the first half
             (a DiT legacy that the released checkpoints carry).
+        meanflow: a second time input for MeanFlow (disploss.meanflow): `r_embedder` embeds the length r - t of the
+            interval whose average velocity the network predicts (the MeanFlow paper's (t, t - r) conditioning),
+            added to the t and label embeddings. False (every released checkpoint): the exact reference network.
     """
 
     def __init__(
@@ -183,6 +202,7 @@ class SiT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
+        meanflow: bool = False,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -199,11 +219,14 @@ class SiT(nn.Module):
         self.num_classes = num_classes
         self.hidden_size = hidden_size
         self.depth = depth
+        self.meanflow = meanflow
         self.grad_checkpointing = False  # recompute block activations in backward (large local batches)
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        if meanflow:  # only then: a flow SiT keeps the released checkpoints' exact keys
+            self.r_embedder = TimestepEmbedder(hidden_size)
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos table, stored as a non-trainable parameter because the released state dicts hold it.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
@@ -230,6 +253,9 @@ class SiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.meanflow:
+            nn.init.normal_(self.r_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.r_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
             nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
             nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
@@ -251,6 +277,7 @@ class SiT(nn.Module):
             "class_dropout_prob": self.y_embedder.dropout_prob,
             "num_classes": self.num_classes,
             "learn_sigma": self.learn_sigma,
+            "meanflow": self.meanflow,
         }
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -261,7 +288,7 @@ class SiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, r: torch.Tensor | None) -> None:
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ConfigError(
@@ -269,6 +296,13 @@ class SiT(nn.Module):
             )
         if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
             raise ConfigError(f"t and y must have shape ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
+        if self.meanflow and (r is None or r.shape != t.shape):
+            got = "none" if r is None else f"shape {tuple(r.shape)}"
+            raise ConfigError(
+                f"a MeanFlow SiT needs r of shape ({x.shape[0]},) (the other end of the interval), got {got}"
+            )
+        if not self.meanflow and r is not None:
+            raise ConfigError("this SiT has one time input (a flow model); r is for MeanFlow models (meanflow=True)")
         # A range check needs the values on the host: do it only where that costs no device sync.
         if y.device.type == "cpu" and not torch.compiler.is_compiling() and y.numel():
             lo, hi = int(y.min()), int(y.max())
@@ -279,18 +313,26 @@ class SiT(nn.Module):
                     f"class), got values in [{lo}, {hi}]"
                 )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_act: bool = False):
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_act: bool = False, *,
+        r: torch.Tensor | None = None, force_drop_ids: torch.Tensor | None = None,
+    ):  # fmt: skip
         """Predict the field at (x, t) for labels y.
 
         Args:
             x: (B, C, H, W) input; t: (B,) times in [0, 1]; y: (B,) labels (num_classes = null class).
             return_act: also return the residual stream after each block.
+            r: (B,) the other end of the interval, for a MeanFlow SiT only (required there).
+            force_drop_ids: (B,) 1 where the label is replaced by the null class; given, no label is dropped at
+                random (MeanFlow's objective drops labels itself, to know which targets to leave unguided).
         Returns:
             (B, C, H, W) prediction, or (prediction, acts) with acts[i] of shape (B, T, D).
         """
-        self._check_inputs(x, t, y)
+        self._check_inputs(x, t, y, r)
         x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (B, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
+        if self.meanflow:
+            c = c + self.r_embedder(r - t)
         acts = []
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -306,8 +348,9 @@ class SiT(nn.Module):
         return (x, acts) if return_act else x
 
     def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guide_channels: int | None = 3
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guide_channels: int | None = 3,
+        **kwargs,
+    ) -> torch.Tensor:  # fmt: skip
         """Classifier-free guidance on a batch laid out as [x; x] with labels [y; null].
 
         Only the first half of x is used; the output is [guided; guided] so ODE/SDE solvers keep the layout.
@@ -316,10 +359,11 @@ class SiT(nn.Module):
             guide_channels: guide the first `guide_channels` output channels and pass the rest through
                 unguided (3 is the reference's DiT legacy that produced the published numbers); None guides
                 every channel (the standard form).
+            kwargs: passed to forward (a MeanFlow SiT's r, laid out as t).
         """
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
-        out = self.forward(combined, t, y)
+        out = self.forward(combined, t, y, **kwargs)
         k = out.shape[1] if guide_channels is None else guide_channels
         eps, rest = out[:, :k], out[:, k:]
         cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
@@ -418,4 +462,6 @@ def forward_flops(config: dict) -> float:
     per_block = T * (3 * D * D + D * D + 2 * r * D * D) + 2 * T * T * D + 6 * D * D
     embed = T * C * p * p * D + 256 * D + D * D
     final = T * D * p * p * c_out + 2 * D * D
+    if config.get("meanflow", False):
+        embed += 256 * D + D * D  # the r embedder
     return float(depth * per_block + embed + final)

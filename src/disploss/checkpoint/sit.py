@@ -100,7 +100,8 @@ def infer_sit_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | No
             (384: 6, 768: 12, 1024: 16, 1152: 16) and leaves None for other widths.
     Returns:
         dict with input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
-        class_dropout_prob, num_classes, learn_sigma. class_dropout_prob is 0.1 (the reference) when the label
+        class_dropout_prob, num_classes, learn_sigma, meanflow (a MeanFlow model: it has `r_embedder`, the second
+        time input; disploss.meanflow). class_dropout_prob is 0.1 (the reference) when the label
         table has a null-class row; it cannot be told apart from other positive values.
     Raises:
         CheckpointError: a required tensor is missing or shapes are inconsistent.
@@ -141,6 +142,7 @@ def infer_sit_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | No
         "class_dropout_prob": 0.1,
         "num_classes": rows - 1,
         "learn_sigma": out_channels == 2 * in_channels,
+        "meanflow": "r_embedder.mlp.0.weight" in state_dict,
     }
 
 
@@ -223,6 +225,11 @@ def mismatch_causes(file_cfg: dict, model_cfg: dict, image_size: int | None, vae
             f"{file_cfg['num_classes'] + 1} rows with the null class), the model was built with --num-classes "
             f"{model_cfg['num_classes']} (pass --num-classes {file_cfg['num_classes']})"
         )
+    if file_cfg.get("meanflow", False) != model_cfg.get("meanflow", False):
+        kind = "a MeanFlow model (it has r_embedder)" if file_cfg.get("meanflow") else "a flow-matching model"
+        causes.append(
+            f"the checkpoint is {kind}: pass --objective {'meanflow' if file_cfg.get('meanflow') else 'flow'}"
+        )
     if file_cfg["learn_sigma"] != model_cfg["learn_sigma"] and file_cfg["in_channels"] == model_cfg["in_channels"]:
         c = file_cfg["in_channels"]
         causes.append(
@@ -288,6 +295,7 @@ def build_sit_from_checkpoint(
         k: want[k]
         for k in ("input_size", "in_channels", "mlp_ratio", "class_dropout_prob", "num_classes", "learn_sigma")
     }
+    kwargs["meanflow"] = want.get("meanflow", False)  # from the weights: r_embedder present
     if model_name is not None:
         model = create_model(model_name, **kwargs)
     else:

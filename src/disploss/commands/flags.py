@@ -147,15 +147,23 @@ def _field_default(field: dataclasses.Field) -> Any:
     return None
 
 
-def add_mode_subparsers(parser: argparse.ArgumentParser, cls: type, modes: tuple[str, ...], helps: dict, **kwargs):
-    """A positional MODE with one sub-parser per mode, each holding the flags of `cls` for that mode."""
+def add_mode_subparsers(
+    parser: argparse.ArgumentParser, cls: type, modes: tuple[str, ...], helps: dict, mode_defaults: dict | None = None,
+    **kwargs,
+):  # fmt: skip
+    """A positional MODE with one sub-parser per mode, each holding the flags of `cls` for that mode.
+
+    Args:
+        mode_defaults: {mode: an instance of cls} whose values are that mode's flag defaults (e.g. MeanFlow's
+            --cfg-scale 1); the other modes take cls's defaults.
+    """
     sub = parser.add_subparsers(dest="mode", metavar="MODE", required=True, help=" or ".join(helps.values()))
     parser.epilog = "the flags of each mode: " + ", ".join(f"{parser.prog} {m} --help" for m in modes)
     for mode in modes:
         mode_parser = sub.add_parser(
             mode, help=helps[mode], description=parser.description, formatter_class=HelpFormatter
         )
-        add_config_arguments(mode_parser, cls, mode=mode, **kwargs)
+        add_config_arguments(mode_parser, cls, mode=mode, defaults=(mode_defaults or {}).get(mode), **kwargs)
 
 
 def config_from_namespace(cls: type, args: argparse.Namespace, defaults: Any = None):

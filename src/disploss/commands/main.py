@@ -12,7 +12,7 @@ from disploss.commands.flags import HelpFormatter
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("disploss.commands.train", "train a SiT model (torchrun-compatible), with --disp for dispersive loss"),
-    "sample": ("disploss.commands.sample", "sample a grid of images from a checkpoint (ODE or SDE)"),
+    "sample": ("disploss.commands.sample", "sample a grid of images from a checkpoint (ODE, SDE, or MeanFlow)"),
     "sample-ddp": ("disploss.commands.sample_ddp", "sample many images to PNGs and an ADM .npz (torchrun-compatible)"),
     "evaluate": ("disploss.commands.evaluate", "FID, sFID, Inception Score, precision, recall of two .npz batches"),
     "extract-latents": ("disploss.commands.extract_latents", "cache VAE posterior moments of a dataset for --latents"),

@@ -2,6 +2,7 @@
 
 python sample.py ODE --model SiT-XL/2 --image-size 256 --ckpt /path/to/model.pt
 disploss sample SDE --ckpt results/000-SiT-B-2-Linear-velocity-None/checkpoints/0400000.pt --cfg-scale 1.5
+python sample.py MeanFlow --ckpt results/000-SiT-B-2-Linear-meanflow-None/checkpoints/0400000.pt   # 1 model call
 """
 
 from __future__ import annotations
@@ -10,14 +11,22 @@ import argparse
 
 from disploss.commands.flags import add_mode_subparsers, config_from_namespace
 from disploss.commands.report import guarded
-from disploss.sampling.config import MODES
+from disploss.sampling.config import MODES, GuidanceConfig, SamplerConfig
 from disploss.sampling.grid import SampleConfig, sample_grid
 
-MODE_HELP = {"ODE": "sample with the probability-flow ODE", "SDE": "sample with the reverse-time SDE"}
+MODE_HELP = {
+    "ODE": "sample with the probability-flow ODE",
+    "SDE": "sample with the reverse-time SDE",
+    "MeanFlow": "sample a MeanFlow model (train --objective meanflow) in --num-sampling-steps steps (default 1)",
+}
+# MeanFlow folds guidance into its training target: no guidance at sampling unless --cfg-scale asks for it.
+MODE_DEFAULTS = {
+    "MeanFlow": SampleConfig(sampler=SamplerConfig(mode="MeanFlow"), guidance=GuidanceConfig(cfg_scale=1.0))
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_mode_subparsers(parser, SampleConfig, MODES, MODE_HELP, check_at_parse=True)
+    add_mode_subparsers(parser, SampleConfig, MODES, MODE_HELP, mode_defaults=MODE_DEFAULTS, check_at_parse=True)
 
 
 def run(args: argparse.Namespace) -> int:

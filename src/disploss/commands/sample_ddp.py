@@ -2,6 +2,7 @@
 .npz in the input format of ADM's TensorFlow evaluator (key arr_0, uint8 (N, H, W, 3), index order).
 
     torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py ODE --model SiT-XL/2 --num-fid-samples 50000 --ckpt model.pt
+    torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py MeanFlow --ckpt meanflow.pt --num-sampling-steps 1
 
 Runs under torchrun (NCCL on CUDA, gloo on CPU) or as one plain process. See disploss.sampling.ddp for the
 folder layout, the per-image random streams and resuming.
@@ -14,14 +15,22 @@ import argparse
 from disploss import distributed as dist
 from disploss.commands.flags import add_mode_subparsers, config_from_namespace
 from disploss.commands.report import guarded
-from disploss.sampling.config import MODES
+from disploss.sampling.config import MODES, GuidanceConfig, SamplerConfig
 from disploss.sampling.ddp import SampleDDPConfig, sample_to_npz
 
-MODE_HELP = {"ODE": "sample with the probability-flow ODE", "SDE": "sample with the reverse-time SDE"}
+MODE_HELP = {
+    "ODE": "sample with the probability-flow ODE",
+    "SDE": "sample with the reverse-time SDE",
+    "MeanFlow": "sample a MeanFlow model (train --objective meanflow) in --num-sampling-steps steps (default 1)",
+}
+# MeanFlow folds guidance into its training target: no guidance at sampling unless --cfg-scale asks for it.
+MODE_DEFAULTS = {
+    "MeanFlow": SampleDDPConfig(sampler=SamplerConfig(mode="MeanFlow"), guidance=GuidanceConfig(cfg_scale=1.0))
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_mode_subparsers(parser, SampleDDPConfig, MODES, MODE_HELP, check_at_parse=True)
+    add_mode_subparsers(parser, SampleDDPConfig, MODES, MODE_HELP, mode_defaults=MODE_DEFAULTS, check_at_parse=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """Typed settings of sampling, shared by `disploss sample` (a grid) and `disploss sample-ddp` (an .npz for FID).
 
-- `SamplerConfig`: the MODE (ODE | SDE, a positional sub-command as in the reference: `sample.py ODE --model ...`)
-  and its own options; `sampler_fn` turns it into a sampling function.
+- `SamplerConfig`: the MODE (ODE | SDE, a positional sub-command as in the reference: `sample.py ODE --model ...`;
+  MeanFlow for models trained with `--objective meanflow`) and its own options; `sampler_fn` turns it into a sampling
+  function.
 - `ModelSpec`: which checkpoint, model, VAE and transport. Each field left None is taken from the checkpoint's
   stored training arguments (our checkpoints, and converted reference ones), else from its tensor shapes, else
   the reference default (disploss.sampling.load).
@@ -22,12 +23,14 @@ from disploss.transport import DIFFUSION_FORMS, LOSS_WEIGHTS, PATH_TYPES, PREDIC
 from disploss.transport import LAST_STEPS as TRANSPORT_LAST_STEPS
 from disploss.transport.sampler import TORCHDIFFEQ_METHODS as ODE_METHODS
 
-MODES = ("ODE", "SDE")
+MODES = ("ODE", "SDE", "MeanFlow")
+FLOW_MODES = ("ODE", "SDE")  # modes of flow-matching models; MeanFlow models take MeanFlow
 # The transport's last steps, None spelled 'None' as the reference's command line does.
 LAST_STEPS = tuple("None" if step is None else step for step in TRANSPORT_LAST_STEPS)
 REFERENCE_GUIDE_CHANNELS = 3
 
 __all__ = [
+    "FLOW_MODES",
     "GuidanceConfig",
     "LAST_STEPS",
     "MODES",
@@ -69,10 +72,10 @@ def check_cfg_scale(value: float) -> str | None:
 class SamplerConfig:
     """The sampling mode and its options (the reference's flags and defaults of each mode)."""
 
-    mode: str = option("ODE", "ODE (probability flow, torchdiffeq) or SDE (Euler-Maruyama / Heun)", choices=MODES,
-                       cli=False)  # the sub-command, not a flag  # fmt: skip
+    mode: str = option("ODE", "ODE (probability flow, torchdiffeq), SDE (Euler-Maruyama / Heun) or MeanFlow (average "
+                       "velocity, few steps)", choices=MODES, cli=False)  # the sub-command, not a flag  # fmt: skip
     num_sampling_steps: int = option(250, "points of the time grid (bounds the model calls of fixed-step methods only)",
-                                     check=at_least(2))  # fmt: skip
+                                     check=at_least(2), modes=FLOW_MODES)  # fmt: skip
     ode_method: str = option(
         "dopri5", f"torchdiffeq method, one of {', '.join(ODE_METHODS)}; euler and heun2 use exactly (steps - 1) or "
         "2 (steps - 1) model calls", choices=ODE_METHODS, flag="--sampling-method", metavar="METHOD", modes=("ODE",),
@@ -88,6 +91,10 @@ class SamplerConfig:
     last_step: str = option("Mean", "deterministic last step from 1 - last-step-size to 1", choices=LAST_STEPS,
                             modes=("SDE",))  # fmt: skip
     last_step_size: float = option(0.04, "size of the last step", check=positive, modes=("SDE",))
+    meanflow_steps: int = option(
+        1, "equal steps from noise to data, exactly one model call each (1: one-step generation)", check=at_least(1),
+        flag="--num-sampling-steps", modes=("MeanFlow",),
+    )  # fmt: skip
 
     def __post_init__(self):
         check_options(self)
@@ -95,11 +102,14 @@ class SamplerConfig:
     @property
     def method(self) -> str:
         """The sampling method of the mode."""
-        return self.ode_method if self.mode == "ODE" else self.sde_method
+        return {"ODE": self.ode_method, "SDE": self.sde_method}.get(self.mode, "uniform")
 
     def settings(self) -> dict:
         """The mode's options as a plain dict (recorded in sample folders and compared on resume)."""
-        out = {"mode": self.mode, "sampling_method": self.method, "num_sampling_steps": self.num_sampling_steps}
+        steps = self.meanflow_steps if self.mode == "MeanFlow" else self.num_sampling_steps
+        out = {"mode": self.mode, "sampling_method": self.method, "num_sampling_steps": steps}
+        if self.mode == "MeanFlow":
+            return out
         if self.mode == "ODE":
             out.update(atol=self.atol, rtol=self.rtol, reverse=self.reverse)
         else:
@@ -120,6 +130,10 @@ def sampler_fn(cfg: SamplerConfig, transport, noise_fn: Callable | None = None) 
     from disploss.transport import Sampler
     from disploss.transport.integrators import default_noise
 
+    if cfg.mode == "MeanFlow":  # x = eps + u(eps, r=1, t=0) in one step; N equal steps (disploss.meanflow)
+        from disploss.meanflow import sample_meanflow
+
+        return lambda x, model_fn, **model_kwargs: sample_meanflow(model_fn, x, cfg.meanflow_steps, **model_kwargs)
     sampler = Sampler(transport)
     if cfg.mode == "ODE":
         return sampler.sample_ode(sampling_method=cfg.ode_method, num_steps=cfg.num_sampling_steps, atol=cfg.atol,

@@ -311,7 +311,7 @@ def sample_to_npz(cfg: SampleDDPConfig, info, log: Callable[[str], None] = print
     set_precision(precision)
     torch.backends.cuda.matmul.allow_tf32 = tf32  # --tf32 / --no-tf32 win over the precision's default
     torch.backends.cudnn.allow_tf32 = tf32
-    sm = load_for_sampling(cfg.spec, info.device, default_vae=DEFAULT_VAE)
+    sm = load_for_sampling(cfg.spec, info.device, default_vae=DEFAULT_VAE, mode=cfg.sampler.mode)
     check_guidance(sm.model, g.guide_channels)
     model_fn, doubled = guided_model_fn(sm.model, g.cfg_scale, g.guide_channels, precision == "bf16")
     config = sample_config(cfg, sm.settings, info.world_size, precision, tf32)

@@ -77,7 +77,7 @@ def sample_grid(cfg: SampleConfig, log: Callable[[str], None] = print) -> Path:
     check_output_file(cfg.out, "--out", {"checkpoint (--ckpt)": cfg.spec.ckpt})  # before any sampling
     device = resolve_device(g.device)
     set_precision(cfg.precision)
-    sm = load_for_sampling(cfg.spec, device, default_vae=DEFAULT_VAE)
+    sm = load_for_sampling(cfg.spec, device, default_vae=DEFAULT_VAE, mode=cfg.sampler.mode)
     model = sm.model
     check_guidance(model, g.guide_channels)
     labels = list(cfg.class_labels) if cfg.class_labels is not None else default_class_labels(model.num_classes)
@@ -124,7 +124,9 @@ def training_grid(
     seed: int, path: Path, device: torch.device,
 ) -> Path:  # fmt: skip
     """A class-conditional grid from the EMA weights: fixed noise (CPU generator seeded with `seed`), Heun ODE
-    with `sample_steps` grid points, guidance on the first 3 channels, a row per class; tiny images enlarged."""
+    with `sample_steps` grid points, guidance on the first 3 channels, a row per class; tiny images enlarged.
+    A MeanFlow model (meanflow=True) is sampled in one step without guidance at sampling (it is folded into its
+    training target): the grid shows what `sample.py MeanFlow` gives."""
     from disploss.imageio import save_grid, to_uint8
     from disploss.sampling.guidance import cfg_batch, guided_model_fn
     from disploss.transport import Sampler
@@ -134,6 +136,12 @@ def training_grid(
     gen = torch.Generator().manual_seed(seed)
     shape = (len(y), ema_model.in_channels, ema_model.input_size, ema_model.input_size)
     z = torch.randn(shape, generator=gen).to(device)
+    if getattr(ema_model, "meanflow", False):
+        from disploss.meanflow import sample_meanflow
+
+        images = to_uint8(codec.decode(sample_meanflow(ema_model, z, 1, y=y)[-1]), mode="round")
+        save_grid(images, path, nrow=per_row, zoom=max(1, 64 // images.shape[1]))
+        return path
     fn = Sampler(transport).sample_ode(sampling_method="heun2", num_steps=sample_steps, keep_trajectory=False)
     model_fn, doubled = guided_model_fn(ema_model, cfg_scale, guide_channels=3)
     zz, yy = cfg_batch(z, y, num_classes, doubled)

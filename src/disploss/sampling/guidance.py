@@ -30,24 +30,24 @@ def guided_model_fn(
     Args:
         bf16: run the model under bfloat16 autocast, returning float32 to the solver.
     Returns:
-        (fn(x, t, y) -> field, doubled).
+        (fn(x, t, y, **kwargs) -> field, doubled); kwargs reach the model (a MeanFlow SiT's r).
     """
     doubled = cfg_scale > 1.0
     if doubled:
 
-        def fn(x, t, y):
-            return model.forward_with_cfg(x, t, y, cfg_scale, guide_channels=guide_channels)
+        def fn(x, t, y, **kwargs):
+            return model.forward_with_cfg(x, t, y, cfg_scale, guide_channels=guide_channels, **kwargs)
     else:
 
-        def fn(x, t, y):
-            return model(x, t, y)
+        def fn(x, t, y, **kwargs):
+            return model(x, t, y, **kwargs)
 
     if not bf16:
         return fn, doubled
 
-    def autocast_fn(x, t, y):
+    def autocast_fn(x, t, y, **kwargs):
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            return fn(x, t, y).float()
+            return fn(x, t, y, **kwargs).float()
 
     return autocast_fn, doubled
 

@@ -37,7 +37,7 @@ class SamplingModel:
         codec: disploss.vae codec (SD-VAE or identity) that decodes the model's samples to images in [-1, 1].
         transport: disploss.transport.Transport of the resolved path / prediction.
         settings: plain dict: model, ckpt, image_size, num_classes, vae, path_type, prediction, loss_weight,
-            sample_eps, train_eps, latent_shape (C, h, w).
+            sample_eps, train_eps, latent_shape (C, h, w), objective (flow | meanflow: from the weights).
         sources: where each setting came from: "flag", "checkpoint" (stored training arguments), "weights"
             (tensor shapes) or "default" (the reference's).
     """
@@ -112,7 +112,24 @@ def _checkpoint_source(ckpt: str | None) -> Path:
     )
 
 
-def load_for_sampling(spec: ModelSpec, device: torch.device, *, default_vae: str) -> SamplingModel:
+def check_mode(mode: str, meanflow: bool, ckpt) -> None:
+    """A MeanFlow model (trained with --objective meanflow) samples in the MeanFlow mode only, a flow-matching model
+    in ODE or SDE; anything else is a ConfigError naming the mode to use."""
+    if meanflow and mode != "MeanFlow":
+        raise ConfigError(
+            f"{ckpt} is a MeanFlow model (trained with --objective meanflow): sample it in the MeanFlow mode "
+            f"(sample.py MeanFlow --ckpt {ckpt}), not {mode}"
+        )
+    if not meanflow and mode == "MeanFlow":
+        raise ConfigError(
+            f"{ckpt} is a flow-matching model: sample it in the ODE or SDE mode (sample.py ODE --ckpt {ckpt}); the "
+            "MeanFlow mode needs a model trained with --objective meanflow"
+        )
+
+
+def load_for_sampling(
+    spec: ModelSpec, device: torch.device, *, default_vae: str, mode: str | None = None
+) -> SamplingModel:
     """Load the checkpoint and the VAE named by the flags and resolve every model / transport setting.
 
     Order of precedence per setting: the flag, then the checkpoint's stored training arguments (a flag that
@@ -123,6 +140,7 @@ def load_for_sampling(spec: ModelSpec, device: torch.device, *, default_vae: str
         spec: the checkpoint and the settings given (None: resolve from the checkpoint).
         device: where the model and the VAE run.
         default_vae: the command's --vae default when the checkpoint does not say.
+        mode: the sampling mode, checked against the kind of model (check_mode) before the VAE is loaded.
     Returns:
         SamplingModel.
     Raises:
@@ -153,6 +171,8 @@ def load_for_sampling(spec: ModelSpec, device: torch.device, *, default_vae: str
     )
 
     _, file_cfg = load_sit_weights(source)
+    if mode is not None:
+        check_mode(mode, file_cfg["meanflow"], spec.ckpt or path)
     if vae_spec in HUB_VAES and file_cfg["in_channels"] != 4:
         raise ConfigError(
             f"the checkpoint's model takes {file_cfg['in_channels']} input channels, but --vae {vae_spec} gives "
@@ -193,6 +213,7 @@ def load_for_sampling(spec: ModelSpec, device: torch.device, *, default_vae: str
         "sample_eps": transport.sample_eps,
         "train_eps": transport.train_eps,
         "latent_shape": (model.in_channels, model.input_size, model.input_size),
+        "objective": "meanflow" if model.meanflow else "flow",
     }
     return SamplingModel(model=model, codec=codec, transport=transport, settings=settings, sources=sources)
 
@@ -202,4 +223,6 @@ def describe(sm: SamplingModel) -> str:
     keys = ("model", "image_size", "num_classes", "vae", "path_type", "prediction")
     labels = {"flag": "flag", "checkpoint": "stored args", "weights": "from the weights", "default": "default"}
     parts = [f"{k}={sm.settings[k]} ({labels[sm.sources.get(k, 'default')]})" for k in keys]
+    if sm.settings["objective"] == "meanflow":
+        parts.append("objective=meanflow (from the weights)")
     return f"checkpoint {sm.settings['ckpt']}: " + ", ".join(parts)

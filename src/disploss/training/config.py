@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from disploss.data.images import BAD_IMAGE_POLICIES
 from disploss.dispersive import ALL_VARIANTS
 from disploss.errors import ConfigError
+from disploss.meanflow import MeanFlowSettings
 from disploss.options import all_of, at_least, check_options, finite, flag_name, in_interval, option, positive
 from disploss.runtime import DEVICES, PRECISIONS
 from disploss.sampling.config import check_cfg_scale
@@ -20,6 +21,7 @@ from disploss.transport import LOSS_WEIGHTS, PATH_TYPES, PREDICTIONS
 
 DIGITS = "builtin:digits"
 NONFINITE_POLICIES = ("error", "skip")
+OBJECTIVES = ("flow", "meanflow")  # flow matching (SiT); MeanFlow (disploss.meanflow: 1-step sampling)
 
 
 def check_block_spec(spec: str) -> str | None:
@@ -113,6 +115,12 @@ class TrainConfig:
         None, "also keep forever the checkpoints at steps divisible by N (a multiple of --ckpt-every)",
         check=at_least(1), metavar="N",
     )  # fmt: skip
+    # -- MeanFlow (issue 12): the objective and its settings (--meanflow-*, disploss.meanflow.MeanFlowSettings) --
+    objective: str = option(
+        "flow", "flow: flow matching (the reference); meanflow: MeanFlow's average velocity, sampled in 1 step "
+        "(`sample.py MeanFlow`); needs --path-type Linear --prediction velocity", choices=OBJECTIVES,
+    )  # fmt: skip
+    meanflow: MeanFlowSettings = option(default_factory=MeanFlowSettings)
 
     def __post_init__(self):
         if isinstance(self.disp_block, int):  # TrainConfig(disp_block=6) from Python
@@ -153,6 +161,7 @@ EXPERIMENT_FIELDS = (
     "data_path", "latents", "model", "image_size", "num_classes", "vae", "global_batch_size", "global_seed",
     "disp", "disp_weight", "disp_tau", "disp_variant", "disp_block", "disp_gather", "disp_margin",
     "path_type", "prediction", "loss_weight", "train_eps", "lr", "beta2", "weight_decay", "grad_clip", "ema_decay",
+    "objective", "meanflow",
 )  # fmt: skip
 _DISP_FIELDS = ("disp_weight", "disp_tau", "disp_variant", "disp_block", "disp_gather", "disp_margin")
 
@@ -172,6 +181,10 @@ def experiment_differences(stored: dict, cfg: TrainConfig) -> list[str]:
         if name not in stored or (name in _DISP_FIELDS and not (stored.get("disp") or cfg.disp)):
             continue
         old, new = stored[name], getattr(cfg, name)
+        if name == "meanflow" and not (stored.get("objective") == "meanflow" or cfg.objective == "meanflow"):
+            continue
+        if dataclasses.is_dataclass(new):  # a nested config is stored as its dict
+            new = dataclasses.asdict(new)
         if name == "disp_block":  # stored as an int by older versions
             old, new = str(old), str(new)
         paths = name in ("data_path", "latents", "vae") and old and new  # the same folder, however written
@@ -211,4 +224,13 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(
             f"--keep-every {cfg.keep_every} must be a multiple of --ckpt-every {cfg.ckpt_every} (the checkpoints kept "
             "forever are those at steps divisible by it)"
+        )
+    if cfg.objective == "meanflow" and (cfg.path_type, cfg.prediction) != ("Linear", "velocity"):
+        flag, value, need = (
+            ("--path-type", cfg.path_type, "Linear") if cfg.path_type != "Linear" else
+            ("--prediction", cfg.prediction, "velocity")
+        )  # fmt: skip
+        raise ConfigError(
+            f"--objective meanflow does not support {flag} {value}: MeanFlow learns the average velocity of the "
+            f"Linear path; use {flag} {need} (the default)"
         )

@@ -36,7 +36,7 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
     from disploss.training import state as st
     from disploss.training.ema import EMA
     from disploss.training.metrics import RunningMeans
-    from disploss.training.objective import DispersionWatch, build_regularizer, flow_objective
+    from disploss.training.objective import DispersionWatch, build_objective, build_regularizer
     from disploss.training.runlog import RunLogger
     from disploss.training.step import NonFiniteWatch, StepParts, make_adamw, nonfinite_term, train_step
     from disploss.transport import create_transport
@@ -52,7 +52,10 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
     td = dist.on_every_rank(data.build_data, cfg, device, dataset)  # the VAE
     steps_per_epoch = data.steps_per_epoch(len(td.dataset), world, local_batch)
     check_patch(cfg, td.input_size, parse_model_name(cfg.model)[3])
-    model = create_model(cfg.model, input_size=td.input_size, in_channels=td.in_channels, num_classes=cfg.num_classes)
+    model = create_model(
+        cfg.model, input_size=td.input_size, in_channels=td.in_channels, num_classes=cfg.num_classes,
+        meanflow=cfg.objective == "meanflow",  # MeanFlow: a second time input (disploss.meanflow)
+    )  # fmt: skip
     model = model.to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
     transport = create_transport(cfg.path_type, cfg.prediction, cfg.loss_weight, cfg.train_eps, cfg.sample_eps)
@@ -103,9 +106,9 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
         net = torch.compile(net)
     model.train()
     parts = StepParts(
-        net=net, objective=flow_objective(transport, regularizer), opt=opt, ema=ema, device=device, precision=cfg.precision,
-        params=[p for p in model.parameters() if p.requires_grad], grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
-        skip_nonfinite=cfg.on_nonfinite == "skip",
+        net=net, objective=build_objective(cfg, transport, regularizer), opt=opt, ema=ema, device=device,
+        precision=cfg.precision, params=[p for p in model.parameters() if p.requires_grad], grad_clip=cfg.grad_clip,
+        ema_decay=cfg.ema_decay, skip_nonfinite=cfg.on_nonfinite == "skip",
     )  # fmt: skip
     encode = td.codec.encode if td.codec is not None and td.codec.spec != "none" else None
 

@@ -1,5 +1,5 @@
-"""The training objective of a run: the transport's flow-matching (or score / noise) loss, plus the dispersive
-term of a DispersiveRegularizer hooked on the chosen SiT blocks."""
+"""The training objective of a run: the transport's flow-matching (or score / noise) loss, or MeanFlow's
+(disploss.meanflow), plus the dispersive term of a DispersiveRegularizer hooked on the chosen SiT blocks."""
 
 from __future__ import annotations
 
@@ -27,12 +27,40 @@ def build_regularizer(model: torch.nn.Module, cfg: TrainConfig) -> DispersiveReg
     )  # fmt: skip
 
 
+def build_objective(cfg: TrainConfig, transport, regularizer: DispersiveRegularizer | None) -> Callable:
+    """The objective of --objective: flow_objective or meanflow_objective."""
+    if cfg.objective == "meanflow":
+        return meanflow_objective(cfg.meanflow, regularizer)
+    return flow_objective(transport, regularizer)
+
+
 def flow_objective(transport, regularizer: DispersiveRegularizer | None) -> Callable:
     """(net, x, y) -> terms: 'loss' (B,), 'flow' (B,), 'disp' () and 'layers' {layer: dispersive value}."""
 
     def objective(net, x, y):
         terms = transport.training_losses(net, x, dict(y=y), regularizer=regularizer)
         terms["layers"] = dict(regularizer.last_values) if regularizer is not None else {}
+        return terms
+
+    return objective
+
+
+def meanflow_objective(settings, regularizer: DispersiveRegularizer | None) -> Callable:
+    """(net, x, y) -> terms as flow_objective's, of MeanFlow (disploss.meanflow.meanflow_losses): 'loss' (B,) the
+    adaptively weighted MeanFlow loss plus the regulariser's term, 'flow' (B,) the mean squared error to the MeanFlow
+    target. The JVP (and guidance) passes run without gradient on the module under DDP / torch.compile; the pass
+    with gradient, the one the regulariser's hooks capture, runs through `net`."""
+    from disploss.meanflow import meanflow_losses
+    from disploss.regularizer import unwrap_model
+
+    def objective(net, x, y):
+        terms = meanflow_losses(net, x, y, settings, jvp_model=unwrap_model(net))
+        terms["disp"] = torch.zeros((), device=x.device)
+        terms["layers"] = {}
+        if regularizer is not None:
+            terms["loss"] = terms["loss"] + regularizer.loss()
+            terms["layers"] = dict(regularizer.last_values)
+            terms["disp"] = torch.stack(list(terms["layers"].values())).mean()  # the unweighted dispersive value
         return terms
 
     return objective

@@ -257,9 +257,9 @@ def prepare_run_dir(cfg: TrainConfig, resume: Resume, model: torch.nn.Module, is
             size = Path(resume.path).stat().st_size if resume.step else checkpoint_size_bytes(model)
             check_writable(run_dir or cfg.results_dir, min_free_bytes=2 * size)
             if run_dir is None:
-                run_dir = create_experiment_dir(
-                    cfg.results_dir, cfg.model, cfg.path_type, cfg.prediction, cfg.loss_weight
-                )
+                # A MeanFlow run says so in its folder's name: 000-SiT-B-2-Linear-meanflow-None
+                prediction = cfg.prediction if cfg.objective == "flow" else "meanflow"
+                run_dir = create_experiment_dir(cfg.results_dir, cfg.model, cfg.path_type, prediction, cfg.loss_weight)
             lock = RunLock(run_dir, notify=lambda line: print(line, file=sys.stderr, flush=True)).acquire()
             on_exit.callback(lock.release)
             _remove_stale_temporaries(run_dir / "checkpoints")  # after the lock: never another job's save

@@ -50,6 +50,10 @@ class BenchConfig:
         None, "a checkout of the reference code (SiT / DispLoss: models.py with SiT_models, needs timm): time its "
         "model and loss beside ours in the train section", metavar="DIR",
     )  # fmt: skip
+    meanflow: bool = option(
+        False, "train section: also time the MeanFlow step (`train --objective meanflow`, the paper's defaults) "
+        "against the flow step, interleaved, and count the activations each keeps for backward",
+    )  # fmt: skip
     model: str | None = option(None, f"model preset (default {FULL['model']}; --quick {QUICK['model']})")
     batch: int | None = option(None, f"training batch per device (default {FULL['batch']})", check=at_least(1))
     image_size: int | None = option(None, f"image side in pixels; latents are image/{VAE_FACTOR} (default 256)",

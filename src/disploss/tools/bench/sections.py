@@ -6,7 +6,8 @@ Sections (--sections, all by default):
           synthetic latents, with and without the dispersive term (the last block; with --disp-blocks also
           other blocks, e.g. all), interleaved step by step so that all variants see the same machine load;
           images/s, peak memory, the dispersive term's share of the step and each regulariser's step-time ratio
-          against none; with --reference-path also the reference code's model and loss, side by side.
+          against none; with --reference-path also the reference code's model and loss, side by side; with
+          --meanflow also the step of `train --objective meanflow` (disploss.tools.bench.meanflow).
   disp    the dispersive loss alone (forward + backward): ours against the reference's formula.
   sample  sampling images/s and model evaluations (NFE) per image for each sampler, counted by a wrapper.
 
@@ -152,6 +153,11 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
     regularised: dict[str, list[str]] = {}  # the layers each variant's last step regularised
 
     variants = {name: ours(name) for name in ("ours_nodisp", *regularizers)}
+    if cfg.meanflow:  # the MeanFlow step beside the flow step, same batch (disploss.tools.bench.meanflow)
+        from disploss.tools.bench import meanflow as mf_bench
+
+        mf_steps, mf_parts = mf_bench.meanflow_variants(cfg, model, x, y, device, lambda p: _adamw(p, cfg.adamw))
+        variants.update(mf_steps)
     reference = {"status": "not requested (--reference-path)"}
     if cfg.reference_path:
         reference = reference_training(cfg, model, x, y, device, autocast(device, cfg.precision))
@@ -207,6 +213,11 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
     else:
         log(f"  reference: {reference['status']}")
     out["reference"] = reference
+    if cfg.meanflow:
+        params = {"ours_nodisp": params, "ours_meanflow": list(mf_parts["model"].parameters())}
+        out["meanflow"] = mf_bench.summarise(out, variants, params, log)
+        mf_parts["regularizer"].remove()
+        del mf_parts
     for regularizer in regularizers.values():
         regularizer.remove()
     model.zero_grad(set_to_none=True)  # frees the gradients (and with the optimizer, its state) before sampling

@@ -4,6 +4,7 @@ anyone can run.
     disploss experiment digits --threads 1          # baseline vs dispersive, seeds 0,1,2: ~20 min on 2 CPU cores
     disploss experiment digits --quick              # the same pipeline in under a minute (1 seed, tiny budget)
     disploss experiment digits --grid               # + every dispersive variant and a lambda x tau grid (hours)
+    disploss experiment digits --meanflow           # + MeanFlow arms, and FID against the number of model calls
 
 `digits`: the demo's SiT (disploss.tools.demo.DEMO: SiT-T/2, pixel space, the bundled scikit-learn digits) is trained by
 `disploss.training.train` for a fixed budget of steps in each arm and seed; checkpoints are written every
@@ -33,6 +34,14 @@ Choices, and why:
   0.999**1500 = 22% of the random initialisation (69% at the first quarter), so early checkpoints would measure
   the EMA's lag, not the model.
 - No guidance by default (--cfg-scale 1): the paper's no-cfg setting, and half the model calls.
+
+--meanflow (MeanFlow, disploss.meanflow; one-step generation): two more arms train `--objective meanflow` with the
+same budget (steps, batch, EMA, seeds), without and with the dispersive term (the demo's InfoNCE-cosine recipe, for
+the reason above), folding the experiment's guidance scale into their target (omega = --cfg-scale) and sampling
+without guidance at 1 model call per image at every checkpoint. The final checkpoint of every run is also scored
+against the number of model calls: the flow arms with Euler at 1, 2, 4, 8 and Heun at 20 calls, the MeanFlow arms
+at 1 and 2 (NFE_SWEEP); fid_vs_nfe.png plots it. A MeanFlow step costs more than a flow step (BENCHMARKS.md): the
+budget rule is steps, not time.
 """
 
 from __future__ import annotations
@@ -70,6 +79,7 @@ def float_list(text: str) -> tuple[float, ...]:
 
 
 RESULTS_SCHEMA = "disploss-experiment-digits-v1"
+OBJECTIVES = ("flow", "meanflow")
 METRICS = ("fid", "precision", "recall", "class_accuracy")
 
 
@@ -82,7 +92,8 @@ _SPEC_KEYS = {"lam": "weight", "tau": "tau", "blocks": "blocks", "margin": "marg
 
 @dataclass(frozen=True)
 class Arm:
-    """One training recipe: the baseline (disp=False) or a dispersive variant with its lambda, tau and blocks.
+    """One training recipe: the baseline (disp=False) or a dispersive variant with its lambda, tau and blocks; the
+    objective flow (flow matching) or meanflow (MeanFlow, sampled in 1 step).
 
     blocks is a --disp-block value ('-1' = the last block, '0,2', 'all'); margin is the hinge's epsilon.
     """
@@ -94,8 +105,11 @@ class Arm:
     tau: float = 1.0
     blocks: str = "-1"
     margin: float = 1.0
+    objective: str = "flow"
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}; valid choices: {', '.join(OBJECTIVES)}")
         if self.variant not in ALL_VARIANTS:
             raise ConfigError(f"unknown dispersive variant {self.variant!r}; valid choices: {', '.join(ALL_VARIANTS)}")
         if self.disp and not (self.weight > 0 and self.tau > 0):
@@ -104,13 +118,16 @@ class Arm:
     @classmethod
     def from_spec(cls, spec: str) -> Arm:
         """An arm from its spec: 'baseline', or a variant with '+key=value' settings (keys: lam, tau, blocks,
-        margin; blocks as in --disp-block with '/' for ','), e.g. 'infonce_l2+tau=4+blocks=all'. The spec,
-        normalised, is the arm's name."""
+        margin; blocks as in --disp-block with '/' for ','), e.g. 'infonce_l2+tau=4+blocks=all'; a 'meanflow+'
+        prefix trains it with the MeanFlow objective ('meanflow+baseline'). The spec, normalised, is the arm's
+        name (the named arms keep theirs)."""
         spec = spec.strip()
-        if spec == "baseline":
-            return BASELINE
         if spec in NAMED_ARMS:
             return NAMED_ARMS[spec]
+        if spec.startswith("meanflow+"):  # the same recipe trained with the MeanFlow objective
+            flow = cls.from_spec(spec[len("meanflow+") :])
+            arm = dataclasses.replace(flow, objective="meanflow")
+            return dataclasses.replace(arm, name=arm.spec())
         variant, *settings = spec.split("+")
         values: dict = {}
         for item in settings:
@@ -124,6 +141,8 @@ class Arm:
 
     def spec(self) -> str:
         """The normalised spec (settings that differ from the release's defaults, in a fixed order)."""
+        if self.objective == "meanflow":
+            return "meanflow+" + dataclasses.replace(self, objective="flow").spec()
         if not self.disp:
             return "baseline"
         parts = [self.variant]
@@ -136,6 +155,9 @@ class Arm:
 
     def describe(self) -> str:
         """A one-line description for tables."""
+        if self.objective == "meanflow":
+            return "MeanFlow, 1 model call" + (f" + {dataclasses.replace(self, objective='flow').describe()}"
+                                              if self.disp else "")  # fmt: skip
         if not self.disp:
             return "flow matching only"
         where = {"-1": "last block", "all": "all blocks"}.get(self.blocks, f"block(s) {self.blocks}")
@@ -150,9 +172,40 @@ BASELINE = Arm("baseline", disp=False)
 DISPERSIVE = Arm("dispersive", disp=True)  # the release's default: InfoNCE-L2, lambda 0.25, tau 1, last block
 # The demo's recipe (disploss.tools.demo.DEMO): InfoNCE with cosine distance, lambda 0.25, tau 0.5.
 DISPERSIVE_COSINE = Arm("dispersive_cosine", disp=True, variant="infonce_cosine", weight=0.25, tau=0.5)
-NAMED_ARMS = {a.name: a for a in (BASELINE, DISPERSIVE, DISPERSIVE_COSINE)}
 
 
+# -- MeanFlow arms and the NFE sweep (issue 12) -----------------------------------------------------------------
+MEANFLOW = Arm("meanflow", disp=False, objective="meanflow")
+MEANFLOW_DISPERSIVE = Arm("meanflow_dispersive", disp=True, variant="infonce_cosine", weight=0.25, tau=0.5,
+                          objective="meanflow")  # fmt: skip
+NAMED_ARMS = {a.name: a for a in (BASELINE, DISPERSIVE, DISPERSIVE_COSINE, MEANFLOW, MEANFLOW_DISPERSIVE)}
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """How a checkpoint is sampled: euler or heun (a flow model's fixed-step ODE) or meanflow, with `nfe` model
+    calls per image (heun: even)."""
+
+    kind: str
+    nfe: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.nfe}"
+
+
+NFE_SWEEP = {
+    "flow": tuple(SamplerSpec("euler", n) for n in (1, 2, 4, 8)) + (SamplerSpec("heun", 20),),
+    "meanflow": (SamplerSpec("meanflow", 1), SamplerSpec("meanflow", 2)),
+}
+
+
+def primary_spec(arm: Arm) -> SamplerSpec | None:
+    """The sampler of an arm's every checkpoint: None = the experiment's Heun (--sample-steps); MeanFlow: 1 call."""
+    return SamplerSpec("meanflow", 1) if arm.objective == "meanflow" else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
 def grid_arms(lambdas: tuple[float, ...], taus: tuple[float, ...]) -> list[Arm]:
     """The arms --grid adds: the other three variants at the default lambda / tau, then InfoNCE-L2 over
     lambdas x taus (the default pair, which is the `dispersive` arm, left out)."""
@@ -221,6 +274,8 @@ class DigitsConfig:
         "jobs (threads of an oversubscribed pool wait for each other)", check=at_least(1),
     )  # fmt: skip
     quick: bool = option(False, "a smoke run in about a minute: 40 steps, seed 0 only, 100 samples, 3-epoch classifier")
+    meanflow: bool = option(False, "also train MeanFlow arms (without and with the dispersive term) and score the "
+                            "final checkpoints against the number of model calls (see the module docstring)")  # fmt: skip
     classifier: ClassifierConfig = option(default_factory=ClassifierConfig, cli=False)
 
     def __post_init__(self):
@@ -239,7 +294,7 @@ class DigitsConfig:
 
     def arm_list(self) -> list[Arm]:
         """--arms (the baseline first), else baseline, dispersive, dispersive_cosine; the grid's arms with --grid,
-        the screen's first pass with --screen."""
+        the screen's first pass with --screen, the MeanFlow arms with --meanflow."""
         arms = [Arm.from_spec(s) for s in self.arms] if self.arms else [BASELINE, DISPERSIVE, DISPERSIVE_COSINE]
         if self.grid:
             arms += grid_arms(self.grid_lambdas, self.grid_taus)
@@ -247,6 +302,8 @@ class DigitsConfig:
             from disploss.models import parse_model_name
 
             arms += screen_arms(parse_model_name(self.model)[0])
+        if self.meanflow:
+            arms += [MEANFLOW, MEANFLOW_DISPERSIVE]
         unique: dict[str, Arm] = {}
         for arm in [BASELINE, *arms]:  # one arm per recipe: 'dispersive' and 'infonce_l2' are the same runs
             unique.setdefault(arm.spec(), arm)
@@ -283,9 +340,15 @@ def train_config(cfg: DigitsConfig, arm: Arm, seed: int):
         disp_variant=arm.variant, disp_weight=arm.weight, disp_tau=arm.tau, disp_block=arm.blocks,
         disp_margin=arm.margin, model=cfg.model,
     )  # fmt: skip
+    if arm.objective == "meanflow":  # guidance folded into the target at the experiment's scale
+        tc = dataclasses.replace(
+            tc, objective="meanflow", meanflow=dataclasses.replace(tc.meanflow, omega=cfg.cfg_scale)
+        )
     # The key: the flags that define the experiment (disploss.training.config.EXPERIMENT_FIELDS) and the budget, so a
-    # new TrainConfig field (a logging or retention option) does not orphan the runs already made.
-    settings = {k: str(getattr(tc, k)) for k in (*EXPERIMENT_FIELDS, "max_steps", "ckpt_every")}
+    # new TrainConfig field (a logging or retention option) does not orphan the runs already made; a flow run's key
+    # leaves out the MeanFlow settings it does not use.
+    fields = [f for f in EXPERIMENT_FIELDS if arm.objective == "meanflow" or f not in ("objective", "meanflow")]
+    settings = {k: str(getattr(tc, k)) for k in (*fields, "max_steps", "ckpt_every")}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     results_dir = cfg.resolved_runs_dir() / arm.spec() / f"seed{seed}-{key}"
     return dataclasses.replace(tc, results_dir=str(results_dir), ckpt="latest")

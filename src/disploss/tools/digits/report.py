@@ -44,6 +44,16 @@ def paired_differences(base_runs: list[dict], arm_runs: list[dict], steps: list[
     return out
 
 
+def summarise_nfe(arm_runs: list[dict]) -> list[dict]:
+    """Per sampler of the NFE sweep (--meanflow): mean and std over seeds of every metric, by model calls."""
+    keys = sorted({(r["nfe"], r["sampler"]) for run in arm_runs for r in run.get("nfe", [])})
+    out = []
+    for nfe, sampler in keys:
+        rows = [r for run in arm_runs for r in run.get("nfe", []) if (r["nfe"], r["sampler"]) == (nfe, sampler)]
+        out.append({"sampler": sampler, "nfe": nfe, **{m: mean_std([r[m] for r in rows]) for m in METRICS}})
+    return out
+
+
 def fmt(stat: dict, digits: int = 2) -> str:
     if stat["n"] > 1:
         return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
@@ -67,6 +77,16 @@ def render_markdown(results: dict) -> str:
         f"Real train-split digits against the same reference (a floor): FID {results['reference']['floor']['fid']:.3f}, "
         f"precision {results['reference']['floor']['precision']:.3f}, recall {results['reference']['floor']['recall']:.3f}.",
         "",
+        *(
+            [
+                "MeanFlow arms (`--objective meanflow`, the same budget of steps): sampled with 1 model call at every "
+                "checkpoint, without guidance (its scale is folded into the training target); their final 'flow' "
+                "loss is the mean squared error to the MeanFlow target.",
+                "",
+            ]
+            if any(arm.get("objective") == "meanflow" for arm in arms.values())
+            else []
+        ),
         f"## At step {final} (mean ± std over seeds; std with ddof 1)",
         "",
         "| arm | recipe | feature-FID ↓ | Δ FID vs baseline | precision ↑ | recall ↑ | class accuracy ↑ | "
@@ -105,13 +125,34 @@ def render_markdown(results: dict) -> str:
             row = next((r for r in arms[name]["summary"] if r["step"] == step), None)
             cells.append(fmt(row["fid"]) if row else "-")
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    others = [n for n in names if n != "baseline"]
+    if any("nfe_summary" in arm for arm in arms.values()):
+        lines += [
+            "",
+            f"## feature-FID against model calls per image, step {final} (mean ± std over seeds)",
+            "",
+            "Flow arms: Euler with 1, 2, 4, 8 calls and Heun with 20; MeanFlow arms: 1 and 2 equal steps.",
+            "",
+            "| arm | sampler | model calls | feature-FID ↓ | precision ↑ | recall ↑ | class accuracy ↑ |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, arm in arms.items():
+            for row in arm.get("nfe_summary", []):
+                lines.append(
+                    f"| {name} | {row['sampler']} | {row['nfe']} | {fmt(row['fid'])} | {fmt(row['precision'], 3)} | "
+                    f"{fmt(row['recall'], 3)} | {fmt(row['class_accuracy'], 3)} |"
+                )
+    others = [n for n in names if arms[n]["paired_vs_baseline"]]
     if others:
         lines += [
             "",
             "## Paired differences, arm minus baseline, same seed (mean ± std over seeds)",
             "",
-            "Negative FID difference = the arm is better.",
+            "Negative FID difference = the arm is better."
+            + (
+                " The MeanFlow arm with the dispersive term is paired with the MeanFlow arm."
+                if any(arms[n].get("paired_with") for n in others)
+                else ""
+            ),  # fmt: skip
             "",
             "| arm | step | Δ FID | Δ precision | Δ recall | Δ class accuracy |",
             "|---|---|---|---|---|---|",
@@ -204,6 +245,36 @@ def plot_fid(results: dict, path: str | os.PathLike) -> None:
     ax2.set_xlabel("training step"), ax2.set_ylim(0, 1.02)
     ax2.set_title("recall (solid), precision (dashed)")
     ax2.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plot_fid_vs_nfe(results: dict, path: str | os.PathLike) -> None:
+    """fid_vs_nfe.png: feature-FID of the final checkpoints against model calls per image, one line per arm and
+    sampler, mean with a +-1 std band over seeds (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from disploss.fileio import atomic_write
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, arm) in enumerate(results["arms"].items()):
+        rows = arm.get("nfe_summary", [])
+        for k, sampler in enumerate(sorted({r["sampler"] for r in rows})):
+            pts = [r for r in rows if r["sampler"] == sampler]
+            nfe = np.array([r["nfe"] for r in pts])
+            mean, std = (np.array([r["fid"][s] for r in pts]) for s in ("mean", "std"))
+            ax.plot(nfe, mean, color=f"C{i % 10}", marker="os^"[k % 3], ls="-" if k == 0 else "--",
+                    label=f"{name}, {sampler} (n={pts[0]['fid']['n']})")  # fmt: skip
+            ax.fill_between(nfe, np.maximum(mean - std, 1e-3), mean + std, color=f"C{i % 10}", alpha=0.15)
+    ax.axhline(results["reference"]["floor"]["fid"], color="grey", ls=":", lw=1, label="real train split")
+    ax.set_xscale("log", base=2), ax.set_yscale("log")
+    ax.set_xlabel("model calls per image (NFE)"), ax.set_ylabel("feature-FID (log scale)")
+    ax.set_title(f"final checkpoints (step {max(results['settings']['eval_steps'])})")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)

@@ -13,8 +13,16 @@ from pathlib import Path
 import torch
 
 from disploss.errors import ConfigError
-from disploss.tools.digits.config import RESULTS_SCHEMA, DigitsConfig, train_config
-from disploss.tools.digits.report import paired_differences, plot_fid, render_markdown, summarise, write_grid
+from disploss.tools.digits.config import NFE_SWEEP, RESULTS_SCHEMA, DigitsConfig, primary_spec, train_config
+from disploss.tools.digits.report import (
+    paired_differences,
+    plot_fid,
+    plot_fid_vs_nfe,
+    render_markdown,
+    summarise,
+    summarise_nfe,
+    write_grid,
+)
 from disploss.tools.digits.scoring import cpu_seconds, sample_plan, samples_for, score
 
 
@@ -187,7 +195,7 @@ def _run_digits(cfg: DigitsConfig, log=print) -> dict:
             run["final_disp_loss"] = last.get("disp")
             run["final_diag"] = _mean_diagnostics(last)
             for step in cfg.eval_steps():
-                images, sw, sc = samples_for(cfg, run_dir, step, labels, noise)
+                images, sw, sc = samples_for(cfg, run_dir, step, labels, noise, primary_spec(arm))
                 run["sample_wall_s"] += sw
                 run["sample_cpu_s"] += sc
                 metrics = score(classifier, ref_features, ref_stats, images, labels.numpy())
@@ -199,6 +207,9 @@ def _run_digits(cfg: DigitsConfig, log=print) -> dict:
                 )
                 if step == cfg.eval_steps()[-1] and seed == cfg.seeds[0]:
                     write_grid(images, labels.numpy(), out / f"samples_{arm.name}.png")
+            if cfg.meanflow:  # the final checkpoint against the number of model calls
+                run["nfe"] = _nfe_sweep(cfg, run_dir, arm, labels, noise, run, log,
+                                        lambda im: score(classifier, ref_features, ref_stats, im, labels.numpy()))  # fmt: skip
             results["arms"][arm.name]["runs"].append(run)
             _refresh(results, cfg, t_start, cpu_start, load_start)
             atomic_write_json(out / "results.json", results)
@@ -209,16 +220,44 @@ def _run_digits(cfg: DigitsConfig, log=print) -> dict:
     atomic_write_json(out / "results.json", results)
     atomic_write_bytes(out / "results.md", render_markdown(results).encode())
     plot_fid(results, out / "fid_vs_steps.png")
+    if cfg.meanflow:
+        plot_fid_vs_nfe(results, out / "fid_vs_nfe.png")
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'fid_vs_steps.png'}")
     return results
 
 
+# -- the NFE sweep of --meanflow (issue 12) ----------------------------------------------------------------------
+def _nfe_sweep(cfg: DigitsConfig, run_dir: Path, arm, labels, noise, run: dict, log, scorer) -> list[dict]:
+    """Scores of the final checkpoint with every sampler of NFE_SWEEP[arm.objective]; adds their cost to `run`."""
+    step, rows = cfg.eval_steps()[-1], []
+    for spec in NFE_SWEEP[arm.objective]:
+        images, sw, sc = samples_for(cfg, run_dir, step, labels, noise, spec)
+        run["sample_wall_s"] += sw
+        run["sample_cpu_s"] += sc
+        rows.append({"sampler": spec.kind, "nfe": spec.nfe, **scorer(images)})
+        log(f"   step {step}, {spec.name}: feature-FID {rows[-1]['fid']:.3f}")
+    return rows
+
+
+def _paired_base(name: str, arms: dict) -> str | None:
+    # The dispersive MeanFlow arm is paired with the MeanFlow arm (same objective), every other arm with the baseline.
+    if name in ("baseline", "meanflow"):
+        return None
+    return "meanflow" if arms[name].get("objective") == "meanflow" and "meanflow" in arms else "baseline"
+
+
 def _refresh(results: dict, cfg: DigitsConfig, t_start: float, cpu_start: float, load_start) -> None:
     steps = cfg.eval_steps()
-    base_runs = results["arms"]["baseline"]["runs"]
     for name, arm in results["arms"].items():
         arm["summary"] = summarise(arm["runs"], steps)
-        arm["paired_vs_baseline"] = [] if name == "baseline" else paired_differences(base_runs, arm["runs"], steps)
+        base = _paired_base(name, results["arms"])
+        arm["paired_vs_baseline"] = [] if base is None else paired_differences(
+            results["arms"][base]["runs"], arm["runs"], steps
+        )  # fmt: skip
+        if base is not None and base != "baseline":
+            arm["paired_with"] = base
+        if any("nfe" in run for run in arm["runs"]):
+            arm["nfe_summary"] = summarise_nfe(arm["runs"])
     runs = [run for arm in results["arms"].values() for run in arm["runs"]]
     results["timing"] = {
         "wall_s": time.time() - t_start, "cpu_s": cpu_seconds() - cpu_start,  # this invocation

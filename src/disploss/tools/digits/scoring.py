@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from disploss.errors import ConfigError
-from disploss.tools.digits.config import DigitsConfig
+from disploss.tools.digits.config import DigitsConfig, SamplerSpec
 
 
 def sample_plan(
@@ -43,6 +43,7 @@ def sample_checkpoint(
     cfg_scale: float,
     device: str = "cpu",
     batch_size: int = 500,
+    spec: SamplerSpec | None = None,
 ) -> np.ndarray:
     """Images from the EMA weights of a pixel-space training checkpoint, Heun ODE with fixed steps.
 
@@ -51,6 +52,8 @@ def sample_checkpoint(
         labels: (N,) classes; noise: (N, C, S, S) initial states.
         sample_steps: points of the time grid (2 * (sample_steps - 1) model calls).
         cfg_scale: classifier-free guidance scale (1: none), guidance on the first 3 channels as the reference.
+        spec: another sampler (SamplerSpec: euler / heun with its model calls) instead of Heun with sample_steps; a
+            MeanFlow checkpoint is sampled in spec.nfe (default 1) steps, without guidance (folded into training).
     Returns:
         uint8 (N, S, S, 3).
     """
@@ -73,8 +76,8 @@ def sample_checkpoint(
     transport = create_transport(
         args["path_type"], args["prediction"], args["loss_weight"], args["train_eps"], args["sample_eps"]
     )
-    solve = Sampler(transport).sample_ode(sampling_method="heun2", num_steps=sample_steps, keep_trajectory=False)
-    model_fn, doubled = guided_model_fn(model, cfg_scale, guide_channels=3)
+    solve = _solver(Sampler(transport), spec, sample_steps, model.meanflow)
+    model_fn, doubled = guided_model_fn(model, 1.0 if model.meanflow else cfg_scale, guide_channels=3)
     out = []
     for i in range(0, len(labels), batch_size):
         z, y = noise[i : i + batch_size].to(device), labels[i : i + batch_size].to(device)
@@ -82,6 +85,21 @@ def sample_checkpoint(
         x = solve(zz, model_fn, y=yy)[-1][: len(y)]  # n C S S
         out.append(to_uint8(x, mode="round"))
     return np.concatenate(out)
+
+
+def _solver(sampler, spec: SamplerSpec | None, sample_steps: int, meanflow: bool):
+    # spec -> fn(x, model_fn, **kwargs) whose [-1] is the sample, with exactly spec.nfe model calls
+    if meanflow:
+        from disploss.meanflow import sample_meanflow
+
+        steps = spec.nfe if spec is not None else 1
+        return lambda x, model_fn, **kw: sample_meanflow(model_fn, x, steps, **kw)
+    if spec is not None and spec.kind == "meanflow":
+        raise ConfigError(f"sampler {spec.name} needs a MeanFlow checkpoint")
+    method, steps = ("heun2", sample_steps) if spec is None else (
+        ("euler", spec.nfe + 1) if spec.kind == "euler" else ("heun2", spec.nfe // 2 + 1)
+    )  # fmt: skip
+    return sampler.sample_ode(sampling_method=method, num_steps=steps, keep_trajectory=False)
 
 
 def score(classifier, ref_features: np.ndarray, ref_stats, images: np.ndarray, labels: np.ndarray) -> dict:
@@ -101,7 +119,7 @@ def score(classifier, ref_features: np.ndarray, ref_stats, images: np.ndarray, l
     }
 
 
-def _sample_cache_key(cfg: DigitsConfig) -> str:
+def _sample_cache_key(cfg: DigitsConfig, spec: SamplerSpec | None = None) -> str:
     settings = {
         "num_samples": cfg.num_samples,
         "noise_seed": cfg.noise_seed,
@@ -110,12 +128,15 @@ def _sample_cache_key(cfg: DigitsConfig) -> str:
         "sampler": "heun2",
         "weights": "ema",
         "pixels": "round",
+        **({"spec": spec.name} if spec is not None else {}),  # None: the key of the experiment's own Heun sampler
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def samples_for(cfg: DigitsConfig, run_dir: Path, step: int, labels, noise) -> tuple[np.ndarray, float, float]:
-    """Samples of one checkpoint, from the run's sample cache when it has them.
+def samples_for(
+    cfg: DigitsConfig, run_dir: Path, step: int, labels, noise, spec: SamplerSpec | None = None
+) -> tuple[np.ndarray, float, float]:
+    """Samples of one checkpoint (with `spec`'s sampler when given), from the run's sample cache when it has them.
 
     Returns:
         (uint8 images, wall s, CPU s): the time of drawing them, recorded beside the cache, so a rerun that
@@ -123,7 +144,7 @@ def samples_for(cfg: DigitsConfig, run_dir: Path, step: int, labels, noise) -> t
     """
     from disploss.fileio import atomic_write, atomic_write_json
 
-    cache = run_dir / "experiment_samples" / _sample_cache_key(cfg) / f"{step:07d}.npy"
+    cache = run_dir / "experiment_samples" / _sample_cache_key(cfg, spec) / f"{step:07d}.npy"
     cost_file = cache.with_suffix(".json")
     if cache.is_file():
         cost = json.loads(cost_file.read_text()) if cost_file.is_file() else {"wall_s": 0.0, "cpu_s": 0.0}
@@ -132,8 +153,9 @@ def samples_for(cfg: DigitsConfig, run_dir: Path, step: int, labels, noise) -> t
 
     t0, c0 = time.time(), cpu_seconds()
     images = sample_checkpoint(
-        checkpoint_path(run_dir / "checkpoints", step), labels, noise, cfg.sample_steps, cfg.cfg_scale, cfg.device
-    )
+        checkpoint_path(run_dir / "checkpoints", step), labels, noise, cfg.sample_steps, cfg.cfg_scale, cfg.device,
+        spec=spec,
+    )  # fmt: skip
     wall, cpu = time.time() - t0, cpu_seconds() - c0
 
     def write(tmp: Path) -> None:
