@@ -95,8 +95,9 @@ def test_reference_path_without_models_py(tmp_path):
 @pytest.mark.parametrize(
     "argv,expected",
     [
-        (["--sections", "train,nope"], "--sections: unknown ['nope']; valid choices: train, disp, sample"),
-        (["--samplers", "rk45"], "valid choices: dopri5, euler, heun2, sde-euler"),
+        (["--sections", "train,nope"], "--sections: unknown ['nope']; valid choices: train, disp, sample, paths"),
+        (["--samplers", "rk45"], "valid choices: dopri5, dopri5-batch, euler, heun2, ab2, ab3, sde-euler"),
+        (["--paths-batches", "8,4"], "--paths-batches: expected 1 <= SMALL <= LARGE"),
         (["--model", "SiT-XXL/2"], "unknown model 'SiT-XXL/2'"),
         (["--batch", "0"], "--batch must be at least 1"),
         (["--sample-steps", "1"], "--sample-steps must be at least 2"),
@@ -152,3 +153,18 @@ def test_global_settings_are_restored(tmp_path):
     before = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32)
     _run(tmp_path, "--sections", "disp", "--threads", "1", "--precision", "tf32", "--steps", "1", "--warmup", "0")
     assert (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32) == before
+
+
+def test_paths_section_measures_every_path_against_the_previous_default(tmp_path, monkeypatch):
+    # torch.compile made the identity: compiling on a CPU takes minutes (the real runs compile; BENCHMARKS.md)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    report = _run(tmp_path, "--sections", "paths", "--steps", "1", "--warmup", "0", "--paths-batches", "2,3")
+    variants = report["paths"]["variants"]
+    names = [v["name"] for v in variants]
+    assert len(names) == 7 and "previous default" in names[0] and "batch 3" in names[-1]
+    assert variants[0]["ratio_to_previous"] == 1.0
+    for name, v in zip(names, variants):
+        _positive(v["images_per_sec"], name)
+        assert v["ratio_to_previous"] == pytest.approx(v["images_per_sec"] / variants[0]["images_per_sec"])
+        if name.startswith("ab2"):
+            assert v["nfe_per_image"] == 10  # 11 grid points, exactly

@@ -3,7 +3,8 @@ are a function of (seed, epoch, index) only, so a resumed run continues exactly 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,13 +14,31 @@ from disploss.training.config import DIGITS, TrainConfig
 
 @dataclass
 class TrainData:
-    """The dataset, the codec that encodes its items (None when the dataset yields latents) and the model's input
-    geometry (channels, side)."""
+    """The dataset, the codec that encodes its items (None when the dataset yields latents), the model's input
+    geometry (channels, side), and warnings for the run's log (settings that work but are likely mistakes)."""
 
     dataset: torch.utils.data.Dataset
     codec: object | None
     in_channels: int
     input_size: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _notes(cfg: TrainConfig, data_classes: int) -> list[str]:
+    notes = []
+    if data_classes < cfg.num_classes:
+        notes.append(
+            f"the data has {data_classes} classes but --num-classes is {cfg.num_classes}: {cfg.num_classes - data_classes}"
+            f" class embeddings are never trained and the in-training sample grids show classes up to "
+            f"{cfg.num_classes - 1}; pass --num-classes {data_classes} unless the model is meant for more classes"
+        )
+    cpus = torch._utils.cpu_count() or 1  # what torch's own check uses (the CPUs this process may run on)
+    if cfg.num_workers > cpus:
+        notes.append(
+            f"--num-workers {cfg.num_workers} (per process) is more than the {cpus} CPU(s) this process may use: the "
+            f"workers share them; --num-workers {cpus} or fewer avoids the contention"
+        )
+    return notes
 
 
 def build_data(cfg: TrainConfig, device: torch.device) -> TrainData:
@@ -41,7 +60,7 @@ def build_data(cfg: TrainConfig, device: torch.device) -> TrainData:
                 f"the latent cache {cfg.latents} was made at --image-size {dataset.image_size}, not {cfg.image_size}"
             )
         c, h, _ = dataset.latent_shape
-        return TrainData(dataset, None, c, h)
+        return TrainData(dataset, None, c, h, _notes(cfg, dataset.num_classes))
     if cfg.data_path == DIGITS:
         if cfg.num_classes < 10:
             raise ConfigError(f"the digits have 10 classes but --num-classes is {cfg.num_classes}")
@@ -51,7 +70,9 @@ def build_data(cfg: TrainConfig, device: torch.device) -> TrainData:
             cfg.data_path, cfg.image_size, num_classes=cfg.num_classes, on_bad_image=cfg.on_bad_image
         )
     codec = load_vae(cfg.vae, device)
-    return TrainData(dataset, codec, codec.latent_channels, codec.latent_size(cfg.image_size))
+    classes = 10 if cfg.data_path == DIGITS else len(dataset.classes)
+    notes = _notes(cfg, classes)
+    return TrainData(dataset, codec, codec.latent_channels, codec.latent_size(cfg.image_size), notes)
 
 
 class EpochSeeded(torch.utils.data.Dataset):
@@ -105,6 +126,8 @@ def make_loader(
 ) -> tuple[torch.utils.data.DataLoader, ResumableSampler]:
     """The training loader and its sampler (call `sampler.set_position(epoch, start)` before each pass)."""
     sampler = ResumableSampler(len(dataset), world_size, rank, seed)
+    # More workers than CPUs: build_data's note says it once; torch would warn at every epoch's iterator.
+    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
     loader = torch.utils.data.DataLoader(
         EpochSeeded(dataset, seed), batch_size=local_batch, sampler=sampler, num_workers=num_workers,
         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
