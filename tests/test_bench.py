@@ -168,3 +168,21 @@ def test_paths_section_measures_every_path_against_the_previous_default(tmp_path
         assert v["ratio_to_previous"] == pytest.approx(v["images_per_sec"] / variants[0]["images_per_sec"])
         if name.startswith("ab2"):
             assert v["nfe_per_image"] == 10  # 11 grid points, exactly
+
+
+def test_synthetic_latent_cache_trains_like_a_real_one(tmp_path, capsys):
+    # gpu_check.sh times train.py on a synthetic cache: it must be a complete cache in extract-latents' format
+    from disploss.data import LatentsDataset
+    from disploss.tools.bench.latents import write_synthetic_latents
+    from trainkit import train_cli
+
+    cache = write_synthetic_latents(tmp_path / "latents", count=20, image_size=64, num_classes=3, shard_size=8)
+    data = LatentsDataset(cache)
+    assert len(data) == 20 and data.latent_shape == (4, 8, 8) and data.num_classes == 3
+    z, y = data[19]
+    assert z.shape == (4, 8, 8) and 0 <= y < 3 and torch.isfinite(z).all()
+    argv = ["--model", "SiT-T/2", "--latents", str(cache), "--image-size", "64", "--num-classes", "3",
+            "--global-batch-size", "4", "--num-workers", "0", "--max-steps", "2", "--sample-every", "0",
+            "--results-dir", str(tmp_path / "results"), "--device", "cpu"]  # fmt: skip
+    assert train_cli(argv) == 0
+    assert len(list((tmp_path / "results").glob("*/checkpoints/0000002.pt"))) == 1

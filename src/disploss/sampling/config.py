@@ -93,7 +93,7 @@ class SamplerConfig:
         "uniform", "time grid of the fixed-step methods: uniform (the reference's) or power (steps shrinking towards "
         "the data end, see --time-rho)", choices=TIME_SCHEDULES, modes=("ODE",),
     )  # fmt: skip
-    time_rho: float = option(2.0, "exponent of --time-schedule power (1: uniform)", check=at_least(1.0), modes=("ODE",))
+    time_rho: float = option(1.5, "exponent of --time-schedule power (1: uniform)", check=at_least(1.0), modes=("ODE",))
     step_control: str = option(
         "per-image", "adaptive methods: per-image (each image's own error decides its steps: its result does not "
         "depend on its batch-mates, the batch size or the number of processes) or batch (torchdiffeq's and the "

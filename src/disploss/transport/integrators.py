@@ -35,7 +35,7 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 # -- time grids ---------------------------------------------------------------------------------------------------
 def time_grid(
-    t0: float, t1: float, num_points: int, schedule: str = "uniform", rho: float = 2.0, device=None
+    t0: float, t1: float, num_points: int, schedule: str = "uniform", rho: float = 1.5, device=None
 ) -> torch.Tensor:
     """The time grid of the fixed-step samplers, float32 (num_points,), from t0 to t1 (either direction).
 

@@ -74,7 +74,7 @@ class Sampler:
         reverse: bool = False,
         keep_trajectory: bool = True,
         time_schedule: str = "uniform",
-        time_rho: float = 2.0,
+        time_rho: float = 1.5,
         step_control: str = "per-image",
         tied_halves: bool | None = None,
     ) -> Callable:
