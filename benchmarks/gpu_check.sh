@@ -13,7 +13,7 @@
 #               no dispersive term), synthetic latents already on the GPU: the step-only images/s        ~1.5-2 min
 #   3 train     train.py itself, the real command line: `torchrun --nproc_per_node=1 train.py` (NCCL), the cache of
 #               run 1 (--latents: loader workers, pinned memory), the same model, batch, bf16 and compile, logging,
-#               EMA, the final checkpoint; 200 steps, a log line every 25. train_vs_step.json: the median images/s
+#               EMA, the final checkpoint; 120 steps, a log line every 20. train_vs_step.json: the median images/s
 #               of the log intervals after the first (which holds the compile) against run 2's number  ~3 min
 #   4 profile   the XL/2 step (bf16, eager, batch 256) under torch.profiler: device-time shares of attention,
 #               matmuls, optimizer, EMA and the rest, the top ops, a Chrome trace (OUT/profile.trace.json.gz)   ~30 s
@@ -23,14 +23,14 @@
 #   6 (GPU_CHECK_ALL=1 only) the runs of the first GPU session: the dispersive loss alone and the reference's
 #               configuration (TF32, eager, batch 32); their results are in benchmarks/results-h200/.
 # Environment: OUT (default /tmp/disploss-gpu), PYTHON (python3), BUDGET_S (460), BATCH (training batch; default
-# 256 where the GPU has >= 120 GiB, else 128), TRAIN_STEPS (200), REF_PATH (a reference checkout, run 6),
+# 256 where the GPU has >= 120 GiB, else 128), TRAIN_STEPS (120), REF_PATH (a reference checkout, run 6),
 # GPU_CHECK_DRY=1 (tiny settings on the CPU, no compile).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/disploss-gpu}
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-460}
-TRAIN_STEPS=${TRAIN_STEPS:-200}
+TRAIN_STEPS=${TRAIN_STEPS:-120}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 START=$(date +%s)
@@ -45,7 +45,7 @@ if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
 else
   DEV=(--device cuda); TRAIN_DEV=(--device cuda)
   MODEL=SiT-XL/2; IMAGE=256; CLASSES=1000; COUNT=2048
-  STEPS=(--steps 10 --warmup 3); COMPILE=(--compile); LOG_EVERY=25; SAMPLE_BATCHES=32,256
+  STEPS=(--steps 10 --warmup 3); COMPILE=(--compile); LOG_EVERY=20; SAMPLE_BATCHES=32,256
   MEM_GIB=$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory // 2**30)" 2>/dev/null || echo 0)
 fi
 if [ -n "${BATCH:-}" ]; then TRAIN_BATCH=$BATCH
@@ -89,12 +89,12 @@ run latents 60 "$PY" -m disploss.tools.bench.latents "$OUT/latents" --count "$CO
   --num-classes "$CLASSES"
 
 # 2 the step alone (what train.py runs each step), one compile
-bench step 150 "${DEV[@]}" "${XL[@]}" --sections train --train-variants nodisp --precision bf16 "${COMPILE[@]}" \
+bench step 180 "${DEV[@]}" "${XL[@]}" --sections train --train-variants nodisp --precision bf16 "${COMPILE[@]}" \
   --batch "$TRAIN_BATCH" "${STEPS[@]}"
 
 # 3 train.py, one process under torchrun (NCCL on CUDA, gloo in the dry run)
 rm -rf "$OUT/train-results"
-run train $(($(left) - 60)) "$PY" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=1 train.py \
+run train $(($(left) - 70)) "$PY" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=1 train.py \
   --model "$MODEL" --image-size "$IMAGE" --num-classes "$CLASSES" --latents "$OUT/latents" \
   --global-batch-size "$TRAIN_BATCH" --precision bf16 "${COMPILE[@]}" --max-steps "$TRAIN_STEPS" \
   --log-every "$LOG_EVERY" --ckpt-every 1000000 --sample-every 0 --results-dir "$OUT/train-results" "${TRAIN_DEV[@]}"
@@ -118,7 +118,7 @@ EOF
 rm -rf "$OUT/train-results"/*/checkpoints  # ~11 GB for XL/2 (model, EMA, optimizer)
 
 # 4 profile of the step, eager bf16 (the op-level view; compile fuses the elementwise ops)
-bench profile 120 "${DEV[@]}" "${XL[@]}" --sections profile --precision bf16 --batch "$TRAIN_BATCH" --warmup 2 \
+bench profile 60 "${DEV[@]}" "${XL[@]}" --sections profile --precision bf16 --batch "$TRAIN_BATCH" --warmup 2 \
   --profile-steps 3
 
 # 5 sampling paths
