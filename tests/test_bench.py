@@ -186,3 +186,26 @@ def test_synthetic_latent_cache_trains_like_a_real_one(tmp_path, capsys):
             "--results-dir", str(tmp_path / "results"), "--device", "cpu"]  # fmt: skip
     assert train_cli(argv) == 0
     assert len(list((tmp_path / "results").glob("*/checkpoints/0000002.pt"))) == 1
+
+
+@pytest.mark.slow
+def test_gpu_check_script_dry_run(tmp_path):
+    # benchmarks/gpu_check.sh on the CPU with tiny settings: every run of the GPU session, end to end (~30-400 s
+    # on the shared 2-core CPU, depending on its load)
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "GPU_CHECK_DRY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("step", "profile", "paths", "train_vs_step"):
+        assert json.loads((tmp_path / f"{name}.json").read_text()), name
+    ratio = json.loads((tmp_path / "train_vs_step.json").read_text())["train_vs_step"]
+    _positive(ratio["train_images_per_sec"], "train")
+    _positive(ratio["step_images_per_sec"], "step")
+    assert "train.py end to end against the bench's step alone" in (tmp_path / "summary.md").read_text()
+    assert "cannot summarise" not in done.stdout
