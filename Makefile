@@ -1,6 +1,10 @@
 # Quick start: `make demo` and `make test`. Both build (or reuse) the local virtualenv .venv.
-# The CPU-friendly torch pin lives here only; the package itself asks for torch>=2.3.
-# torch 2.14.1 + torchvision 0.29.1 is the pair whose torchvision imports (torch-fidelity needs it).
+# The torch pin lives here only; the package itself asks for torch>=2.3.
+# torch 2.14.1 + torchvision 0.29.1: on x86_64 Linux PyPI ships these as CUDA builds (~5.5 GB in the venv, also
+# for CPU-only use). A lighter pair does not keep `make test` whole: torchvision is needed (torch-fidelity, behind
+# `disploss evaluate` and its tests, imports it), and the one CPU-only torch at hand, 2.13.0+cpu (~1 GB), has no
+# PyPI torchvision that imports beside it (torchvision 0.28.0: "operator torchvision::nms does not exist", checked
+# in a separate venv on 2026-12-01). CPU-only wheels of both come from PyTorch's own index, which is not PyPI.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1

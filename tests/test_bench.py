@@ -121,8 +121,9 @@ def test_reference_path_without_models_py(tmp_path):
 @pytest.mark.parametrize(
     "argv,expected",
     [
-        (["--sections", "train,nope"], "--sections: unknown ['nope']; valid choices: train, disp, sample"),
-        (["--samplers", "rk45"], "valid choices: dopri5, euler, heun2, sde-euler"),
+        (["--sections", "train,nope"], "--sections: unknown ['nope']; valid choices: train, disp, sample, paths"),
+        (["--samplers", "rk45"], "valid choices: dopri5, dopri5-batch, euler, heun2, ab2, ab3, sde-euler"),
+        (["--paths-batches", "8,4"], "--paths-batches: expected 1 <= SMALL <= LARGE"),
         (["--model", "SiT-XXL/2"], "unknown model 'SiT-XXL/2'"),
         (["--batch", "0"], "--batch must be at least 1"),
         (["--sample-steps", "1"], "--sample-steps must be at least 2"),
@@ -180,3 +181,59 @@ def test_global_settings_are_restored(tmp_path):
     before = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32)
     _run(tmp_path, "--sections", "disp", "--threads", "1", "--precision", "tf32", "--steps", "1", "--warmup", "0")
     assert (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32) == before
+
+
+def test_paths_section_measures_every_path_against_the_previous_default(tmp_path, monkeypatch):
+    # torch.compile made the identity: compiling on a CPU takes minutes (the real runs compile; BENCHMARKS.md)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    report = _run(tmp_path, "--sections", "paths", "--steps", "1", "--warmup", "0", "--paths-batches", "2,3")
+    variants = report["paths"]["variants"]
+    names = [v["name"] for v in variants]
+    assert len(names) == 7 and "previous default" in names[0] and "batch 3" in names[-1]
+    assert variants[0]["ratio_to_previous"] == 1.0
+    for name, v in zip(names, variants):
+        _positive(v["images_per_sec"], name)
+        assert v["ratio_to_previous"] == pytest.approx(v["images_per_sec"] / variants[0]["images_per_sec"])
+        if name.startswith("ab2"):
+            assert v["nfe_per_image"] == 10  # 11 grid points, exactly
+
+
+def test_synthetic_latent_cache_trains_like_a_real_one(tmp_path, capsys):
+    # gpu_check.sh times train.py on a synthetic cache: it must be a complete cache in extract-latents' format
+    from disploss.data import LatentsDataset
+    from disploss.tools.bench.latents import write_synthetic_latents
+    from trainkit import train_cli
+
+    cache = write_synthetic_latents(tmp_path / "latents", count=20, image_size=64, num_classes=3, shard_size=8)
+    data = LatentsDataset(cache)
+    assert len(data) == 20 and data.latent_shape == (4, 8, 8) and data.num_classes == 3
+    z, y = data[19]
+    assert z.shape == (4, 8, 8) and 0 <= y < 3 and torch.isfinite(z).all()
+    argv = ["--model", "SiT-T/2", "--latents", str(cache), "--image-size", "64", "--num-classes", "3",
+            "--global-batch-size", "4", "--num-workers", "0", "--max-steps", "2", "--sample-every", "0",
+            "--results-dir", str(tmp_path / "results"), "--device", "cpu"]  # fmt: skip
+    assert train_cli(argv) == 0
+    assert len(list((tmp_path / "results").glob("*/checkpoints/0000002.pt"))) == 1
+
+
+@pytest.mark.slow
+def test_gpu_check_script_dry_run(tmp_path):
+    # benchmarks/gpu_check.sh on the CPU with tiny settings: every run of the GPU session, end to end (~30-400 s
+    # on the shared 2-core CPU, depending on its load)
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "GPU_CHECK_DRY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("step", "profile", "paths", "train_vs_step"):
+        assert json.loads((tmp_path / f"{name}.json").read_text()), name
+    ratio = json.loads((tmp_path / "train_vs_step.json").read_text())["train_vs_step"]
+    _positive(ratio["train_images_per_sec"], "train")
+    _positive(ratio["step_images_per_sec"], "step")
+    assert "train.py end to end against the bench's step alone" in (tmp_path / "summary.md").read_text()
+    assert "cannot summarise" not in done.stdout

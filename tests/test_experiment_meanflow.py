@@ -33,7 +33,9 @@ def test_meanflow_arms_and_their_train_configs(tmp_path):
     differ = {f.name for f in dataclasses.fields(base) if getattr(base, f.name) != getattr(mf, f.name)}
     assert differ == {"objective", "meanflow", "results_dir"}
     assert mf.objective == "meanflow" and mf.meanflow.omega == 1.5  # the experiment's guidance, folded in
-    assert ex.MEANFLOW_DISPERSIVE.describe() == "MeanFlow, 1 model call + infonce_cosine, lambda=0.25, tau=0.5, last block"
+    assert (
+        ex.MEANFLOW_DISPERSIVE.describe() == "MeanFlow, 1 model call + infonce_cosine, lambda=0.25, tau=0.5, last block"
+    )
     with pytest.raises(ValueError, match="valid choices: flow, meanflow"):
         ex.Arm("x", disp=False, objective="shortcut")
 

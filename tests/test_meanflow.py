@@ -396,8 +396,10 @@ def mf_ckpts(tmp_path_factory):
 
 @pytest.mark.parametrize("steps", [1, 3])
 def test_sample_grid_makes_exactly_n_model_calls(capsys, tmp_path, mf_ckpts, monkeypatch, steps):
-    """`sample.py MeanFlow --num-sampling-steps N`: N calls of the model (one batch of 8), no guidance by default,
-    and the grid is eps + sum of the steps of the checkpoint's EMA weights."""
+    """`sample.py MeanFlow --num-sampling-steps N`: N calls of the model (one batch: an image per class), no
+    guidance by default, and the grid is eps + sum of the steps of the checkpoint's EMA weights."""
+    from disploss.sampling.grid import default_class_labels
+
     calls = []
     forward = SiT.forward
 
@@ -410,7 +412,8 @@ def test_sample_grid_makes_exactly_n_model_calls(capsys, tmp_path, mf_ckpts, mon
     argv = ["sample", "MeanFlow", "--ckpt", str(mf_ckpts["meanflow"]), "--out", str(out)]
     rc, stdout, err = call(capsys, argv + (["--num-sampling-steps", str(steps)] if steps != 1 else []))
     assert rc == 0, err
-    assert [c[0] for c in calls] == [8] * steps  # undoubled: --cfg-scale defaults to 1 in MeanFlow mode
+    images = len(default_class_labels(mf_ckpts["ema"].num_classes))
+    assert [c[0] for c in calls] == [images] * steps  # undoubled: --cfg-scale defaults to 1 in MeanFlow mode
     assert [c[1:] for c in calls] == [pytest.approx((k / steps, (k + 1) / steps)) for k in range(steps)]
     assert out.is_file() and "MeanFlow uniform, cfg 1.0" in stdout and "objective=meanflow" in stdout
 

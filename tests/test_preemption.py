@@ -59,7 +59,7 @@ def signal_after_second_log_line(cmd: list, cwd, signum: int, timeout: float = 2
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if "(step=0000002)" in line:
+        if "(step=0000002" in line:  # "(step=0000002/0000040 ...)" with --log-every 1
             proc.send_signal(signum)
             break
     out, err = proc.communicate(timeout=timeout)

@@ -120,7 +120,7 @@ def test_ours_and_released_checkpoints_give_the_ema_grid(capsys, tmp_path, ckpts
     assert rc == 0, err
     assert f"model={MODEL} (from the weights)" in out
     grid = read_png(ours)
-    assert grid.shape == grid_shape(2, 4, 8)  # 8 images (labels 0..7 mod 5), 2 rows of 4
+    assert grid.shape == grid_shape(2, 3, 64)  # one image per class (5), 2 rows of 3; 8 px drawn 8x larger
     assert grid.std() > 0
     np.testing.assert_array_equal(grid, read_png(released))  # ours samples from 'ema', not 'model'
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -143,7 +143,7 @@ def test_tiny_autoencoder_kl_latents(capsys, tmp_path, tiny_vae_dir):
     rc, stdout, err = call(capsys, ["sample", *SDE_FAST, "--ckpt", str(ckpt), "--out", str(out), "--cfg-scale", "1.5"])
     assert rc == 0, err
     assert "image_size=16 (stored args)" in stdout
-    assert read_png(out).shape == grid_shape(2, 4, 16)
+    assert read_png(out).shape == grid_shape(2, 3, 64)  # 16 px images drawn 4x larger
     # A released-style file with the VAE given on the command line: the image size follows from the weights.
     bare = tmp_path / "bare.pt"
     torch.save(ema.state_dict(), bare)
@@ -186,8 +186,9 @@ def test_class_labels_and_nrow(capsys, tmp_path, ckpts):
     )
     assert rc == 0, err
     grid = read_png(out)
-    assert grid.shape == grid_shape(2, 2, 8)
-    assert (grid[20:, :] == 0).all() and (grid[12:20, 12:20] == 0).all()  # padding and the empty 4th cell
+    assert grid.shape == grid_shape(2, 2, 64)  # 8 px images drawn 8x larger
+    assert (grid[132:, :] == 0).all() and (grid[68:132, 68:132] == 0).all()  # padding and the empty 4th cell
+    assert (grid[2:66, 2:66] != 0).any()
     assert "labels 4,0,2" in stdout
 
 
@@ -196,8 +197,9 @@ def test_default_labels():
     from disploss.sampling.load import REFERENCE_CLASS_LABELS
 
     assert default_class_labels(1000) == [207, 360, 387, 974, 88, 979, 417, 279] == list(REFERENCE_CLASS_LABELS)
-    assert default_class_labels(10) == list(range(8))
-    assert default_class_labels(3) == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert default_class_labels(10) == list(range(10))  # every digit: 8 and 9 included
+    assert default_class_labels(3) == [0, 1, 2]
+    assert default_class_labels(25) == list(range(10))
 
 
 # ---- the cfg == 1 shortcut ------------------------------------------------------------------------------
@@ -324,7 +326,7 @@ def test_pretrained_models_folder_is_used_without_ckpt(capsys, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     rc, _, err = call(capsys, ["sample", *ODE_FAST, "--vae", "none"])
     assert rc == 0, err
-    assert (tmp_path / "sample.png").is_file()
+    assert (tmp_path / "samples" / "sample.png").is_file()
 
 
 # ---- the root shims, verbatim ---------------------------------------------------------------------------
@@ -342,7 +344,7 @@ def test_readme_commands_parse():
         250,
         0,
     )
-    assert args.guide_channels == 3 and args.out == "sample.png" and args.pixel_conversion == "truncate"
+    assert args.guide_channels == 3 and args.out == "samples/sample.png" and args.pixel_conversion == "truncate"
     sde = cli.build_parser("sample").parse_args(["SDE"])
     assert (sde.sampling_method, sde.diffusion_form, sde.diffusion_norm, sde.last_step, sde.last_step_size) == (
         "Euler",
@@ -384,7 +386,8 @@ def test_root_shim_runs(tmp_path, ckpts):
     ]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert read_png(tmp_path / "sample.png").shape == grid_shape(2, 4, 8)
+    # the model's 5 classes, one image each, in 2 rows of 3; 8 px images drawn 8x larger
+    assert read_png(tmp_path / "samples" / "sample.png").shape == grid_shape(2, 3, 64)
     bad = subprocess.run(
         cmd + ["--cfg-scale", "0.9"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )

@@ -3,6 +3,7 @@ resuming without duplicates, the folder name and the settings guard."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -101,6 +102,16 @@ def test_folder_name(tmp_path):
     assert sample_ddp.folder_name(ode) == (
         "SiT-XL-2-0400000-size-256-vae-my-vae-cfg-1.5-seed-0-ODE-250-dopri5-guide-all-round"
     )
+    # settings that change the images are in the name: the time grid of fixed steps, batch-coupled step control
+    from disploss.sampling.config import SamplerConfig
+
+    ab2 = SamplerConfig(ode_method="ab2", num_sampling_steps=11, time_schedule="power").settings()
+    assert sample_ddp.folder_name({**config, **ab2}) == (
+        "SiT-XL-2-0400000-size-256-vae-ema-cfg-1.5-seed-0-ODE-11-ab2-power1.5"
+    )
+    batch = SamplerConfig(step_control="batch").settings()
+    assert batch["step_control"] == "batch" and "step_control" not in SamplerConfig(ode_method="euler").settings()
+    assert sample_ddp.folder_name({**config, **batch}).endswith("-ODE-250-dopri5-batchsteps")
 
 
 # ---- the npz --------------------------------------------------------------------------------------------
@@ -165,6 +176,52 @@ def test_two_processes_give_the_same_npz_as_one(tmp_path, ckpt):
     np.testing.assert_array_equal(load_samples_npz(npz1), load_samples_npz(npz2))
     assert pngs(f2) == [f"{i:06d}.png" for i in range(N)]
     assert not [p for p in f2.iterdir() if p.name.endswith(".tmp")]
+
+
+def _torchrun_env() -> dict:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+@pytest.mark.parametrize("extra", [[], ["--cfg-scale", "2.0"]], ids=["cfg1", "cfg2"])
+def test_default_adaptive_sampler_is_independent_of_processes_and_batch_size(capsys, tmp_path, ckpt, extra):
+    # The default sampler, adaptive dopri5: each image takes its own steps (per-image step-size control), so the
+    # npz is the same for 1 or 2 processes and any batch size. With torchdiffeq's one step size per batch
+    # (--step-control batch) images 0-5 are solved with other batch-mates in each run and the npz differs.
+    argv = ["ODE", *BASE, *extra]
+    for name, bs in (("bs1", "1"), ("bs5", "5")):
+        assert run_ddp(capsys, ckpt, tmp_path / name, argv, "--per-proc-batch-size", bs)[0] == 0
+    two = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "disploss",
+        "sample-ddp",
+        *argv,
+        "--ckpt",
+        str(ckpt),
+        "--per-proc-batch-size",
+        "2",
+        "--sample-dir",
+        str(tmp_path / "two"),
+    ]
+    done = subprocess.run(two, cwd=tmp_path, env=_torchrun_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "sampling 6 on 2 process(es), 2 per batch" in done.stdout
+    folders, arrays = zip(*(outputs(tmp_path / name) for name in ("bs1", "bs5", "two")))
+    assert len({f.name for f in folders}) == 1 and folders[0].name.endswith("-ODE-4-dopri5")
+    first = load_samples_npz(arrays[0])
+    for other in arrays[1:]:
+        np.testing.assert_array_equal(load_samples_npz(other), first)
+    assert json.loads((folders[0] / "sample_config.json").read_text())["step_control"] == "per-image"
 
 
 # ---- resuming -------------------------------------------------------------------------------------------

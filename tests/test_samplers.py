@@ -95,13 +95,72 @@ def _endpoint_error(gaussian, path_type, prediction, method, num_steps, **kw):
 
 
 @pytest.mark.parametrize("path_type", PATH_TYPES)
-@pytest.mark.parametrize("method,order", [("euler", 1), ("heun2", 2)])
+@pytest.mark.parametrize("method,order", [("euler", 1), ("heun2", 2), ("ab2", 2), ("ab3", 3)])
 def test_fixed_step_convergence_order(gaussian, path_type, method, order):
     # Halving the step divides the global error by 2^order (asymptotically). The grid starts at
     # 41 points (40 steps) so that the ratio is already within 15% of its limit.
     errors = [_endpoint_error(gaussian, path_type, "velocity", method, n) for n in (41, 81)]
     ratio = errors[0] / errors[1]
     assert 2**order * 0.85 < ratio < 2**order * 1.15, (errors, ratio)
+
+
+@pytest.mark.parametrize("method,order", [("euler", 1), ("heun2", 2), ("ab2", 2), ("ab3", 3)])
+@pytest.mark.parametrize("rho", [1.5, 3.0])
+def test_power_schedule_keeps_the_order(gaussian, method, order, rho):
+    # The power grid is a smooth map of the uniform one (steps shrinking towards t1 like (1 - u)^(rho - 1)), so
+    # the order is that of the method (the variable-step Adams-Bashforth weights included).
+    kw = dict(time_schedule="power", time_rho=rho)
+    errors = [_endpoint_error(gaussian, "Linear", "velocity", method, n, **kw) for n in (81, 161)]
+    ratio = errors[0] / errors[1]
+    assert 2**order * 0.8 < ratio < 2**order * 1.2, (errors, ratio)
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "power"])
+@pytest.mark.parametrize("method,nfe", [("euler", lambda n: n - 1), ("heun2", lambda n: 2 * (n - 1)),
+                                        ("ab2", lambda n: n - 1), ("ab3", lambda n: n)])  # fmt: skip
+@pytest.mark.parametrize("num_steps", [2, 3, 4, 11])
+def test_fixed_step_methods_make_exactly_their_model_calls(gaussian, schedule, method, nfe, num_steps):
+    target = gaussian("Linear", 0.5, 0.7)
+    times = []
+
+    def field(x, t):
+        times.append(float(t[0]))
+        return target.velocity(x, t)
+
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sample = Sampler(create_transport()).sample_ode(sampling_method=method, num_steps=num_steps,
+                                                   time_schedule=schedule, time_rho=2.0)  # fmt: skip
+    out = sample(x, field)
+    assert len(times) == nfe(num_steps)
+    assert out.shape == (num_steps, 5, 3) and torch.isfinite(out).all()
+    assert min(times) == 0.0 and max(times) <= 1.0
+
+
+def test_adams_bashforth_weights():
+    from disploss.transport.integrators import adams_bashforth_weights
+
+    # uniform steps: the classical coefficients (Hairer, Norsett, Wanner, table III.1.1), nodes oldest first
+    torch.testing.assert_close(adams_bashforth_weights([0.0, 0.1], 0.1, 0.2), [-0.1 / 2, 0.1 * 3 / 2])
+    torch.testing.assert_close(adams_bashforth_weights([0.0, 0.1, 0.2], 0.2, 0.3), [0.5 / 12, -1.6 / 12, 2.3 / 12])
+    # uneven nodes: exact for every polynomial of degree < number of nodes
+    nodes, a, b = [0.1, 0.25, 0.6], 0.6, 0.95
+    w = adams_bashforth_weights(nodes, a, b)
+    for degree in range(3):
+        exact = (b ** (degree + 1) - a ** (degree + 1)) / (degree + 1)
+        assert abs(sum(wj * n**degree for wj, n in zip(w, nodes)) - exact) < 1e-14
+
+
+def test_time_grid():
+    from disploss.transport.integrators import time_grid
+
+    assert torch.equal(time_grid(0.0, 1.0, 7), torch.linspace(0.0, 1.0, 7))
+    g = time_grid(0.0, 1.0, 9, "power", 2.0)
+    u = torch.linspace(0, 1, 9, dtype=torch.float64)
+    torch.testing.assert_close(g, (1 - (1 - u) ** 2).float(), rtol=0, atol=1e-7)
+    assert g[0] == 0.0 and g[-1] == 1.0 and (g.diff() > 0).all() and (g.diff().diff() < 0).all()  # shrinking steps
+    back = time_grid(1.0, 0.001, 5, "power", 3.0)  # the reverse direction: still denser near the end point t1
+    assert back[0] == 1.0 and back[-1] == pytest.approx(0.001) and (back.diff() < 0).all()
+    assert torch.equal(time_grid(0.0, 1.0, 6, "power", 1.0), torch.linspace(0.0, 1.0, 6))
 
 
 # VP-noise with dopri5 used to abort ('underflow in dt'), as in the reference: the adaptive last step overshot t1

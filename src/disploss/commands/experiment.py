@@ -3,6 +3,7 @@
 disploss experiment digits --threads 1          # baseline vs dispersive, seeds 0,1,2: ~20 min on 2 CPU cores
 disploss experiment digits --quick              # the same pipeline in under a minute (1 seed, tiny budget)
 disploss experiment digits --grid               # + every dispersive variant and a lambda x tau grid (hours)
+disploss experiment samplers --threads 1        # feature-FID against model calls of every sampler (~40 min)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 from disploss.commands.flags import add_config_arguments
 from disploss.commands.report import guarded
 from disploss.tools.digits import config as digits
+from disploss.tools.digits import samplers
 from disploss.tools.digits.classifier import ClassifierConfig
 
 
@@ -28,6 +30,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"epochs of the digit classifier (default: {ClassifierConfig().epochs}; --quick: "
         f"{digits.QUICK['classifier'].epochs})",
     )  # fmt: skip
+    parser_samplers = sub.add_parser(
+        "samplers", help="feature-FID against model calls (NFE) of every sampler, on trained digits models",
+        description=samplers.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    add_config_arguments(parser_samplers, samplers.SamplersConfig, none_defaults=True)
+
+
+def samplers_config(args: argparse.Namespace) -> samplers.SamplersConfig:
+    """The SamplersConfig of parsed flags: the defaults, or QUICK's with --quick, then every flag given."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(samplers.SamplersConfig)
+             if getattr(args, f.name, None) is not None and f.name != "quick"}  # fmt: skip
+    return samplers.quick_config(**given) if args.quick else samplers.SamplersConfig(**given)
 
 
 def digits_config(args: argparse.Namespace) -> digits.DigitsConfig:
@@ -46,6 +60,9 @@ def digits_config(args: argparse.Namespace) -> digits.DigitsConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.experiment == "samplers":
+        return guarded("experiment samplers", lambda: _run_samplers(args))
+
     def go() -> int:
         from disploss.tools.digits.report import fmt
         from disploss.tools.digits.run import run_digits, run_screen
@@ -63,3 +80,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     return guarded("experiment digits", go)
+
+
+def _run_samplers(args: argparse.Namespace) -> int:
+    from disploss.tools.digits.samplers import run_samplers
+
+    results = run_samplers(samplers_config(args))
+    print(f"\n{'setting':<26} {'NFE':>6} {'feature-FID':>14} {'FID - dopri5':>14}")
+    for row in results["summary"]:
+        print(f"{row['setting']:<26} {row['nfe']['mean']:6.1f} {row['fid']['mean']:8.2f} ± {row['fid']['std']:4.2f} "
+              f"{row['fid_minus_default']['mean']:+8.2f} ± {row['fid_minus_default']['std']:4.2f}")  # fmt: skip
+    return 0

@@ -19,9 +19,18 @@ from disploss.errors import ConfigError
 from disploss.imageio import PIXEL_CONVERSIONS
 from disploss.options import at_least, check_options, option, positive
 from disploss.runtime import DEVICES
-from disploss.transport import DIFFUSION_FORMS, LOSS_WEIGHTS, PATH_TYPES, PREDICTIONS, SDE_METHODS
+from disploss.transport import (
+    DIFFUSION_FORMS,
+    LOSS_WEIGHTS,
+    ODE_METHODS,
+    PATH_TYPES,
+    PER_IMAGE_METHODS,
+    PREDICTIONS,
+    SDE_METHODS,
+    STEP_CONTROLS,
+    TIME_SCHEDULES,
+)
 from disploss.transport import LAST_STEPS as TRANSPORT_LAST_STEPS
-from disploss.transport.sampler import TORCHDIFFEQ_METHODS as ODE_METHODS
 
 MODES = ("ODE", "SDE", "MeanFlow")
 FLOW_MODES = ("ODE", "SDE")  # modes of flow-matching models; MeanFlow models take MeanFlow
@@ -77,11 +86,23 @@ class SamplerConfig:
     num_sampling_steps: int = option(250, "points of the time grid (bounds the model calls of fixed-step methods only)",
                                      check=at_least(2), modes=FLOW_MODES)  # fmt: skip
     ode_method: str = option(
-        "dopri5", f"torchdiffeq method, one of {', '.join(ODE_METHODS)}; euler and heun2 use exactly (steps - 1) or "
-        "2 (steps - 1) model calls", choices=ODE_METHODS, flag="--sampling-method", metavar="METHOD", modes=("ODE",),
+        "dopri5", f"one of {', '.join(ODE_METHODS)}. Fixed steps with exact model calls: euler (steps - 1), heun2 "
+        "2 (steps - 1), ab2 (steps - 1), ab3 (steps); adaptive, each image its own steps: dopri5, bosh3, fehlberg2, "
+        "adaptive_heun; the rest: torchdiffeq", choices=ODE_METHODS, flag="--sampling-method", metavar="METHOD",
+        modes=("ODE",),
     )  # fmt: skip
     atol: float = option(1e-6, "absolute tolerance (adaptive methods)", check=positive, modes=("ODE",))
     rtol: float = option(1e-3, "relative tolerance (adaptive methods)", check=positive, modes=("ODE",))
+    time_schedule: str = option(
+        "uniform", "time grid of the fixed-step methods: uniform (the reference's) or power (steps shrinking towards "
+        "the data end, see --time-rho)", choices=TIME_SCHEDULES, modes=("ODE",),
+    )  # fmt: skip
+    time_rho: float = option(1.5, "exponent of --time-schedule power (1: uniform)", check=at_least(1.0), modes=("ODE",))
+    step_control: str = option(
+        "per-image", "adaptive methods: per-image (each image's own error decides its steps: its result does not "
+        "depend on its batch-mates, the batch size or the number of processes) or batch (torchdiffeq's and the "
+        "reference's: one step size for the whole batch)", choices=STEP_CONTROLS, modes=("ODE",),
+    )  # fmt: skip
     reverse: bool = option(False, "integrate from data to noise", modes=("ODE",))
     sde_method: str = option("Euler", "Euler-Maruyama or stochastic Heun", choices=SDE_METHODS,
                              flag="--sampling-method", modes=("SDE",))  # fmt: skip
@@ -112,13 +133,17 @@ class SamplerConfig:
             return out
         if self.mode == "ODE":
             out.update(atol=self.atol, rtol=self.rtol, reverse=self.reverse)
+            if self.ode_method in PER_IMAGE_METHODS:
+                out["step_control"] = self.step_control
+            if self.time_schedule != "uniform":
+                out.update(time_schedule=self.time_schedule, time_rho=self.time_rho)
         else:
             out.update(diffusion_form=self.diffusion_form, diffusion_norm=self.diffusion_norm,
                        last_step=self.last_step, last_step_size=self.last_step_size)  # fmt: skip
         return out
 
 
-def sampler_fn(cfg: SamplerConfig, transport, noise_fn: Callable | None = None) -> Callable:
+def sampler_fn(cfg: SamplerConfig, transport, noise_fn: Callable | None = None, doubled: bool = False) -> Callable:
     """The sampling function of the chosen mode: fn(x, model_fn, **model_kwargs), whose [-1] is the sample.
 
     Args:
@@ -126,6 +151,8 @@ def sampler_fn(cfg: SamplerConfig, transport, noise_fn: Callable | None = None) 
         transport: a disploss.transport.Transport.
         noise_fn: SDE only: draws the standard normals of the Brownian increments for a state x
             (default: the reference's, on the global CPU generator).
+        doubled: x will be the guidance batch [x; x] (disploss.sampling.guidance.cfg_batch): per-image adaptive
+            steps keep each image's two rows together.
     """
     from disploss.transport import Sampler
     from disploss.transport.integrators import default_noise
@@ -136,8 +163,11 @@ def sampler_fn(cfg: SamplerConfig, transport, noise_fn: Callable | None = None) 
         return lambda x, model_fn, **model_kwargs: sample_meanflow(model_fn, x, cfg.meanflow_steps, **model_kwargs)
     sampler = Sampler(transport)
     if cfg.mode == "ODE":
-        return sampler.sample_ode(sampling_method=cfg.ode_method, num_steps=cfg.num_sampling_steps, atol=cfg.atol,
-                                  rtol=cfg.rtol, reverse=cfg.reverse, keep_trajectory=False)  # fmt: skip
+        return sampler.sample_ode(
+            sampling_method=cfg.ode_method, num_steps=cfg.num_sampling_steps, atol=cfg.atol, rtol=cfg.rtol,
+            reverse=cfg.reverse, keep_trajectory=False, time_schedule=cfg.time_schedule, time_rho=cfg.time_rho,
+            step_control=cfg.step_control, tied_halves=doubled,
+        )  # fmt: skip
     return sampler.sample_sde(
         sampling_method=cfg.sde_method, diffusion_form=cfg.diffusion_form, diffusion_norm=cfg.diffusion_norm,
         last_step=None if cfg.last_step == "None" else cfg.last_step, last_step_size=cfg.last_step_size,
@@ -178,8 +208,11 @@ class ModelSpec:
 class GuidanceConfig:
     """Classifier-free guidance, where to run, and how samples become pixels."""
 
-    cfg_scale: float = option(4.0, "classifier-free guidance scale (>= 1; 1 runs the model once per step, unbatched)",
-                              check=check_cfg_scale)  # fmt: skip
+    cfg_scale: float = option(
+        4.0, "classifier-free guidance scale (>= 1; 1 runs the model once per step, unbatched). Each command keeps the "
+        "reference's: 4.0 for sample (its showcase grids), 1.0 for sample-ddp (FID without guidance); the demo's "
+        "grids use 2.0", check=check_cfg_scale,
+    )  # fmt: skip
     guide_channels: int | None = option(
         REFERENCE_GUIDE_CHANNELS, "guide the first K output channels only (3: the reference's DiT legacy behind the "
         "published numbers) or all of them (the standard form)", metavar="K|all",

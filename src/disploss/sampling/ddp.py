@@ -9,17 +9,20 @@ Where the files go (the reference's layout, with a name that holds every setting
 none that does not, such as the batch size or the number of processes):
     {sample_dir}/{folder}/{index:06d}.png, {sample_dir}/{folder}/sample_config.json, {sample_dir}/{folder}.npz
     folder = {model}-{ckpt stem}-size-{image_size}-vae-{vae}-cfg-{cfg}-seed-{global_seed}-{mode}-{steps}-{method}
-             [-{diffusion_form}-{last_step}-{last_step_size} for SDE][-guide-{K|all} if not 3 and cfg > 1]
+             [-{diffusion_form}-{last_step}-{last_step_size} for SDE][-power{rho} for --time-schedule power]
+             [-batchsteps for --step-control batch][-guide-{K|all} if not 3 and cfg > 1]
              [-round for --pixel-conversion round]
 with '/' replaced by '-' (a --vae folder contributes its base name). sample_config.json records the resolved
 settings; a later run into the same folder with different settings stops with an error instead of mixing images.
 
 Randomness: image i draws its initial noise, then its class label (uniform), then (SDE) its Brownian
-increments from its own CPU generator seeded by SeedSequence([global_seed, i]). So the images of a
+increments from its own CPU generator seeded by SeedSequence([global_seed, i]); the adaptive ODE methods (dopri5,
+the default, bosh3, fehlberg2, adaptive_heun) choose each image's steps from its own error. So the images of a
 --global-seed do not depend on the number of processes, the per-process batch size, the device, or which run
 made them (the reference seeded each rank instead). Exactly so with per-process batch size 1; with larger
-batches two things can move a pixel by one level in rare places: float kernels do not give bitwise the same
-rows for different batch sizes, and adaptive ODE solvers (dopri5) choose one step size per batch.
+batches float kernels do not give bitwise the same rows for every batch size, which can move a pixel by one level
+in rare places (none in the tests). Not so for --step-control batch (torchdiffeq's one step size per batch) and the
+torchdiffeq methods dopri8, implicit_adams, fixed_adams and scipy_solver, which couple the images of a batch.
 
 Resuming: a PNG is written atomically, so an existing one is complete. A (re)start lists the missing indices
 < --num-fid-samples and removes a stale .npz; every process then claims blocks of 32 indices
@@ -74,6 +77,7 @@ class SampleDDPConfig:
         "autocast (the solver state and the VAE stay fp32) (default: tf32, or fp32 with --no-tf32)",
         choices=(None, *PRECISIONS),
     )  # fmt: skip
+    compile: bool = option(False, "torch.compile the model function the solver calls (a warm-up compiles it)")
 
     def __post_init__(self):
         check_options(self)
@@ -190,6 +194,10 @@ def folder_name(config: dict) -> str:
     ]
     if config["mode"] == "SDE":
         parts += [config["diffusion_form"], config["last_step"], config["last_step_size"]]
+    if config.get("time_schedule", "uniform") != "uniform":
+        parts.append(f"{config['time_schedule']}{config['time_rho']:g}")
+    if config.get("step_control") == "batch":
+        parts.append("batchsteps")
     if config["guide_channels"] not in ("unused", REFERENCE_GUIDE_CHANNELS):
         parts += ["guide", config["guide_channels"]]
     if config["pixel_conversion"] != "truncate":
@@ -313,7 +321,7 @@ def sample_to_npz(cfg: SampleDDPConfig, info, log: Callable[[str], None] = print
     torch.backends.cudnn.allow_tf32 = tf32
     sm = load_for_sampling(cfg.spec, info.device, default_vae=DEFAULT_VAE, mode=cfg.sampler.mode)
     check_guidance(sm.model, g.guide_channels)
-    model_fn, doubled = guided_model_fn(sm.model, g.cfg_scale, g.guide_channels, precision == "bf16")
+    model_fn, doubled = guided_model_fn(sm.model, g.cfg_scale, g.guide_channels, precision == "bf16", cfg.compile)
     config = sample_config(cfg, sm.settings, info.world_size, precision, tf32)
     folder = Path(cfg.sample_dir) / folder_name(config)
     npz_path = folder.with_name(folder.name + ".npz")
@@ -342,7 +350,7 @@ def sample_to_npz(cfg: SampleDDPConfig, info, log: Callable[[str], None] = print
         z, y = draw_inputs(generators, latent_shape, model.num_classes)  # (B, C, h, w), (B,)
         z, y = z.to(info.device), y.to(info.device)
         z, y = cfg_batch(z, y, model.num_classes, doubled)  # (2B, ...) when doubled
-        solve = sampler_fn(cfg.sampler, sm.transport, noise_fn=per_image_noise(generators))
+        solve = sampler_fn(cfg.sampler, sm.transport, noise_fn=per_image_noise(generators), doubled=doubled)
         with torch.no_grad():
             latents = solve(z, model_fn, y=y)[-1][: len(indices)]  # (B, C, h, w)
             images = sm.codec.decode(latents)  # (B, 3, H, W) in [-1, 1]

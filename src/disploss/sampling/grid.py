@@ -1,14 +1,17 @@
 """Sample grids: `disploss sample` (the reference's sample.py) and the grids written during training.
 
-`disploss sample`, as the reference: 8 images of the ImageNet classes 207, 360, 387, 974, 88, 979, 417, 279 (for a
-model with another number of classes: labels i % num_classes, i = 0..7), initial noise torch.randn on the device
-after torch.manual_seed(seed), classifier-free guidance on a doubled batch [x; x] with labels [y; null], guidance
-on the first 3 channels, a 2 x 4 grid PNG (2 px black padding, as torchvision's make_grid).
+`disploss sample`, as the reference: 8 images of the ImageNet classes 207, 360, 387, 974, 88, 979, 417, 279, initial
+noise torch.randn on the device after torch.manual_seed(seed), classifier-free guidance on a doubled batch [x; x]
+with labels [y; null], guidance on the first 3 channels, a 2 x 4 grid PNG (2 px black padding, as torchvision's
+make_grid).
 
-Differences, all deliberate: with cfg_scale 1 the batch is not doubled (half the model calls; the SDE draws its
-increments as the doubled batch would, so the samples are the same up to float rounding); checkpoints load with
-weights_only=True; the model, image size, classes, VAE and transport come from our checkpoints' stored training
-arguments unless given (a contradicting flag is an error); without --ckpt nothing is downloaded.
+Differences, all deliberate: a model with another number of classes gets one image per class (up to 10) in two
+rows, and images under 64 px are enlarged (each pixel drawn as a square) so that the grid can be seen; the grid
+goes to samples/sample.png (git-ignored) rather than the working folder; with cfg_scale 1 the batch is not doubled
+(half the model calls; the SDE draws its increments as the doubled batch would, so the samples are the same up to
+float rounding); checkpoints load with weights_only=True; the model, image size, classes, VAE and transport come
+from our checkpoints' stored training arguments unless given (a contradicting flag is an error); without --ckpt
+nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -38,26 +41,28 @@ class SampleConfig:
     seed: int = option(0, "torch.manual_seed before drawing the initial noise")
     class_labels: tuple[int, ...] | None = option(
         None, "labels of the images (default: the reference's 207,360,387,974,88,979,417,279 for 1000 classes, else "
-        "0..7 modulo the number of classes)", metavar="L1,L2,...", parse=parse_class_labels,
+        "one image per class, up to 10: 0,1,...)", metavar="L1,L2,...", parse=parse_class_labels,
     )  # fmt: skip
-    out: str = option("sample.png", "grid PNG, written atomically")
-    nrow: int = option(4, "images per grid row (the reference: 4, i.e. 2 rows of 4)", check=at_least(1))
+    out: str = option("samples/sample.png", "grid PNG, written atomically (the reference wrote sample.png)")
+    nrow: int | None = option(None, "images per grid row (default: 4, i.e. 2 rows of 4, for 8 images as the "
+                              "reference; else half the images, rounded up)", check=at_least(1))  # fmt: skip
     precision: str = option(
         "tf32", "fp32; tf32 = fp32 with TF32 matmuls on Ampere+ GPUs (the reference); bf16 = the model under bfloat16 "
         "autocast (the solver state and the VAE stay fp32)", choices=PRECISIONS,
     )  # fmt: skip
+    compile: bool = option(False, "torch.compile the model function the solver calls (worth it for many images)")
 
     def __post_init__(self):
         check_options(self)
 
 
 def default_class_labels(num_classes: int) -> list[int]:
-    """The reference's 8 ImageNet classes for 1000 classes; else labels 0..7 modulo num_classes (8 images)."""
+    """The reference's 8 ImageNet classes for 1000 classes; else one label per class, up to 10: 0, 1, ..."""
     from disploss.sampling.load import REFERENCE_CLASS_LABELS
 
     if num_classes == 1000:
         return list(REFERENCE_CLASS_LABELS)
-    return [i % num_classes for i in range(len(REFERENCE_CLASS_LABELS))]
+    return list(range(min(num_classes, 10)))
 
 
 def sample_grid(cfg: SampleConfig, log: Callable[[str], None] = print) -> Path:
@@ -86,8 +91,8 @@ def sample_grid(cfg: SampleConfig, log: Callable[[str], None] = print) -> Path:
             f"--class-labels {','.join(map(str, labels))}: labels must lie in [0, {model.num_classes - 1}] "
             f"(the model has {model.num_classes} classes)"
         )
-    model_fn, doubled = guided_model_fn(model, g.cfg_scale, g.guide_channels, cfg.precision == "bf16")
-    solve = sampler_fn(cfg.sampler, sm.transport, noise_fn=None if doubled else as_doubled_noise)
+    model_fn, doubled = guided_model_fn(model, g.cfg_scale, g.guide_channels, cfg.precision == "bf16", cfg.compile)
+    solve = sampler_fn(cfg.sampler, sm.transport, noise_fn=None if doubled else as_doubled_noise, doubled=doubled)
     log(describe(sm))
 
     n = len(labels)
@@ -101,11 +106,14 @@ def sample_grid(cfg: SampleConfig, log: Callable[[str], None] = print) -> Path:
         images = sm.codec.decode(latents)  # (B, 3, H, W) in [-1, 1]
     log(f"Sampling took {time.time() - start:.2f} seconds.")
     pixels = to_uint8(images, g.pixel_conversion)  # (B, H, W, 3) uint8
-    save_grid(pixels, cfg.out, nrow=cfg.nrow)
-    rows = -(-n // cfg.nrow)
+    nrow = cfg.nrow or (4 if n == 8 else -(-n // 2))
+    zoom = max(1, 64 // pixels.shape[1])  # tiny images (the digits: 8-16 px) enlarged to be seen
+    save_grid(pixels, cfg.out, nrow=nrow, zoom=zoom)
+    rows = -(-n // nrow)
     log(
-        f"wrote {cfg.out}: {rows} x {min(n, cfg.nrow)} grid of {pixels.shape[1]}x{pixels.shape[2]} images, labels "
-        f"{','.join(map(str, labels))}, {cfg.sampler.mode} {cfg.sampler.method}, cfg {g.cfg_scale}"
+        f"wrote {cfg.out}: {rows} x {min(n, nrow)} grid of {pixels.shape[1]}x{pixels.shape[2]} images"
+        f"{f' (drawn {zoom}x larger)' if zoom > 1 else ''}, labels {','.join(map(str, labels))}, {cfg.sampler.mode} "
+        f"{cfg.sampler.method}, cfg {g.cfg_scale}"
     )
     return Path(cfg.out)
 

@@ -20,7 +20,7 @@ def check_guidance(model: torch.nn.Module, guide_channels: int | None) -> None:
 
 
 def guided_model_fn(
-    model: torch.nn.Module, cfg_scale: float, guide_channels: int | None, bf16: bool = False
+    model: torch.nn.Module, cfg_scale: float, guide_channels: int | None, bf16: bool = False, compile: bool = False
 ) -> tuple[Callable, bool]:
     """The function the solver calls, and whether it expects the doubled batch [x; x] with labels [y; null].
 
@@ -29,6 +29,8 @@ def guided_model_fn(
 
     Args:
         bf16: run the model under bfloat16 autocast, returning float32 to the solver.
+        compile: torch.compile the function (guidance and autocast included); shapes that change (the shrinking
+            batch of the per-image adaptive solvers) are compiled as dynamic after the first recompile.
     Returns:
         (fn(x, t, y, **kwargs) -> field, doubled); kwargs reach the model (a MeanFlow SiT's r).
     """
@@ -42,14 +44,14 @@ def guided_model_fn(
         def fn(x, t, y, **kwargs):
             return model(x, t, y, **kwargs)
 
-    if not bf16:
-        return fn, doubled
+    if bf16:
+        plain = fn
 
-    def autocast_fn(x, t, y, **kwargs):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            return fn(x, t, y, **kwargs).float()
+        def fn(x, t, y, **kwargs):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                return plain(x, t, y, **kwargs).float()
 
-    return autocast_fn, doubled
+    return (torch.compile(fn) if compile else fn), doubled
 
 
 def cfg_batch(z: torch.Tensor, y: torch.Tensor, null_class: int, doubled: bool) -> tuple[torch.Tensor, torch.Tensor]:

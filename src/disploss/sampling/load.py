@@ -49,13 +49,6 @@ class SamplingModel:
     sources: dict
 
 
-def default_class_labels(num_classes: int) -> list[int]:
-    """The reference's 8 ImageNet classes for 1000 classes; else labels 0..7 modulo num_classes (8 images)."""
-    if num_classes == 1000:
-        return list(REFERENCE_CLASS_LABELS)
-    return [i % num_classes for i in range(len(REFERENCE_CLASS_LABELS))]
-
-
 def _stored_args(obj: Any) -> dict:
     # Our training checkpoints (and reference ones converted with `disploss convert-checkpoint --trust`) hold
     # the run's flags as a plain dict under 'args'; released files hold weights only.

@@ -15,7 +15,8 @@ from disploss.options import at_least, check_options, option, positive
 from disploss.runtime import DEVICES
 from disploss.training import DIGITS, TrainConfig, train
 
-# The embedded default: every value a researcher would want to see in one place. EMA 0.99 (half-life ~70 steps):
+# The embedded default: every value a researcher would want to see in one place. 8 px: the digits' own resolution
+# (16 px would be a bilinear upsample of the same images at 4x the cost per step); grids enlarge them. EMA 0.99 (half-life ~70 steps):
 # with the reference's 0.9999, or even 0.999, the EMA after 1500 steps still holds much of the initial weights
 # and samples noise.
 # The dispersive variant is InfoNCE with cosine distance (a variant of the paper, section 3), not the release's
@@ -24,7 +25,7 @@ from disploss.training import DIGITS, TrainConfig, train
 # against 89 for the baseline at 800 steps); the cosine variant cannot inflate norms. `--disp-variant
 # infonce_l2 --disp-tau 1` runs the release's settings.
 DEMO = dict(
-    data_path=DIGITS, vae="none", image_size=16, model="SiT-T/2", num_classes=10, global_batch_size=64,
+    data_path=DIGITS, vae="none", image_size=8, model="SiT-T/2", num_classes=10, global_batch_size=64,
     lr=1e-3, ema_decay=0.99, disp=True, disp_variant="infonce_cosine", disp_weight=0.25, disp_tau=0.5,
     num_workers=0, log_every=50,
     cfg_scale=2.0, precision="fp32", sample_steps=50,
@@ -43,6 +44,10 @@ class DemoConfig:
     disp_tau: float = option(DEMO["disp_tau"], "temperature", check=positive)
     seed: int = option(0, "global seed")
     device: str = option("cpu", "device", choices=DEVICES)
+    threads: int = option(
+        1, "torch CPU threads. 1 never stalls: with more, torch's thread pool waits for any thread that another "
+        "process keeps off its core (2-30x slower steps on a busy 2-core machine, BENCHMARKS.md)", check=at_least(1),
+    )  # fmt: skip
 
     def __post_init__(self):
         check_options(self)
@@ -62,20 +67,29 @@ def demo_config(
 
 
 def plot_losses(run_dir: Path) -> Path:
-    """loss_curve.png from metrics.jsonl: the flow term, the dispersive term and the total against steps."""
+    """loss_curve.png from metrics.jsonl: the flow term, the dispersive term and the total, each on its own axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "flow" in r]
     steps = [r["step"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax1.plot(steps, [r["flow"] for r in rows], label="flow matching")
-    ax1.plot(steps, [r["loss"] for r in rows], label="total", alpha=0.7)
-    ax1.set_xlabel("step"), ax1.set_title("flow term"), ax1.legend()
-    ax2.plot(steps, [r["disp"] for r in rows], color="C2")
-    ax2.set_xlabel("step"), ax2.set_title("dispersive term")
+    lam = config.get("disp_weight", 0.0) if config.get("disp") else 0.0
+    variant = config.get("disp_variant", "dispersive")
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    panels = [
+        ("flow", "flow-matching loss", "mean squared error of the velocity", "C0"),
+        ("disp", f"dispersive loss ({variant})", "loss value" if lam else "(off: --no-disp)", "C2"),
+        ("loss", f"total = flow + {lam:g} x dispersive", "loss value", "C1"),
+    ]
+    for ax, (key, title, ylabel, color) in zip(axes, panels):
+        ax.plot(steps, [r[key] for r in rows], color=color)
+        ax.set_xlabel("training step"), ax.set_ylabel(ylabel), ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{run_dir.name}: losses averaged over each logging interval", fontsize=10)
     fig.tight_layout()
     out = run_dir / "loss_curve.png"
     from disploss.fileio import atomic_write
@@ -87,12 +101,20 @@ def plot_losses(run_dir: Path) -> Path:
 
 def run_demo(cfg: DemoConfig, log=print) -> Path:
     """Train the demo, plot its losses; returns the run folder."""
+    import torch
+
     start = time.time()
     tc = demo_config(
         cfg.results_dir, cfg.steps, disp=not cfg.no_disp, seed=cfg.seed, device=cfg.device,
         disp_variant=cfg.disp_variant, disp_weight=cfg.disp_weight, disp_tau=cfg.disp_tau,
     )  # fmt: skip
-    run_dir = train(tc)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    log(f"demo: {cfg.steps} steps of {tc.model} on the bundled digits, {cfg.threads} CPU thread(s) (--threads)")
+    try:
+        run_dir = train(tc)
+    finally:
+        torch.set_num_threads(threads)
     curve = plot_losses(run_dir)
     grid = run_dir / "samples" / f"{cfg.steps:07d}.png"
     ckpt = run_dir / "checkpoints" / f"{cfg.steps:07d}.pt"
@@ -100,5 +122,8 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     log(f"  sample grid (a row per digit 0-9): {grid}")
     log(f"  loss curve:                        {curve}")
     log(f"  checkpoint:                        {ckpt}")
-    log(f"  sample again: python sample.py ODE --ckpt {ckpt} --vae none --cfg-scale 2.0 --out digits.png")
+    log(
+        f"  sample again: python sample.py ODE --ckpt {ckpt} --cfg-scale {DEMO['cfg_scale']} --out samples/digits.png"
+        f"  (the grid's guidance scale; sample.py's default 4.0 is the reference's for ImageNet)"
+    )
     return run_dir

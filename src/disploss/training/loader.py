@@ -3,7 +3,8 @@ are a function of (seed, epoch, index) only, so a resumed run continues exactly 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,13 +15,32 @@ from disploss.training.config import DIGITS, TrainConfig
 @dataclass
 class TrainData:
     """The dataset, the codec that encodes its items (None when the dataset yields latents), the model's input
-    geometry (channels, side), and the codec that decodes the sample grids (None without grids)."""
+    geometry (channels, side), the codec that decodes the sample grids (None without grids), and warnings for the
+    run's log (settings that work but are likely mistakes)."""
 
     dataset: torch.utils.data.Dataset
     codec: object | None
     in_channels: int
     input_size: int
     grid_codec: object | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _notes(cfg: TrainConfig, data_classes: int) -> list[str]:
+    notes = []
+    if data_classes < cfg.num_classes:
+        notes.append(
+            f"the data has {data_classes} classes but --num-classes is {cfg.num_classes}: {cfg.num_classes - data_classes}"
+            f" class embeddings are never trained and the in-training sample grids show classes up to "
+            f"{cfg.num_classes - 1}; pass --num-classes {data_classes} unless the model is meant for more classes"
+        )
+    cpus = torch._utils.cpu_count() or 1  # what torch's own check uses (the CPUs this process may run on)
+    if cfg.num_workers > cpus:
+        notes.append(
+            f"--num-workers {cfg.num_workers} (per process) is more than the {cpus} CPU(s) this process may use: the "
+            f"workers share them; --num-workers {cpus} or fewer avoids the contention"
+        )
+    return notes
 
 
 def build_dataset(cfg: TrainConfig) -> torch.utils.data.Dataset:
@@ -65,7 +85,9 @@ def build_data(cfg: TrainConfig, device: torch.device, dataset: torch.utils.data
     try:
         if cfg.latents is not None:  # the grids decode with the VAE that made the cache
             c, h, _ = dataset.latent_shape
-            return TrainData(dataset, None, c, h, load_vae(dataset.vae, device) if grids else None)
+            return TrainData(
+                dataset, None, c, h, load_vae(dataset.vae, device) if grids else None, _notes(cfg, dataset.num_classes)
+            )
         codec = load_vae(cfg.vae, device)
     except HubUnavailableError as err:
         hint = "or pass --sample-every 0 (the sample grids need the VAE)" if cfg.latents else (
@@ -74,7 +96,9 @@ def build_data(cfg: TrainConfig, device: torch.device, dataset: torch.utils.data
         )  # fmt: skip
         raise HubUnavailableError(f"{err}; {hint}") from err
     latent_size = codec.latent_size(cfg.image_size)
-    return TrainData(dataset, codec, codec.latent_channels, latent_size, codec if grids else None)
+    classes = 10 if cfg.data_path == DIGITS else len(dataset.classes)
+    notes = _notes(cfg, classes)
+    return TrainData(dataset, codec, codec.latent_channels, latent_size, codec if grids else None, notes)
 
 
 class EpochSeeded(torch.utils.data.Dataset):
@@ -128,6 +152,8 @@ def make_loader(
 ) -> tuple[torch.utils.data.DataLoader, ResumableSampler]:
     """The training loader and its sampler (call `sampler.set_position(epoch, start)` before each pass)."""
     sampler = ResumableSampler(len(dataset), world_size, rank, seed)
+    # More workers than CPUs: build_data's note says it once; torch would warn at every epoch's iterator.
+    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
     loader = torch.utils.data.DataLoader(
         EpochSeeded(dataset, seed), batch_size=local_batch, sampler=sampler, num_workers=num_workers,
         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,

@@ -87,7 +87,7 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
         logger.info(f"resumed from {resume.path} at step {step}")
     for line in resume.notes:
         logger.info(line)
-    for line in resume.warnings:
+    for line in [*resume.warnings, *td.notes]:
         logger.warning(line)
 
     # -- data and the step --------------------------------------------------------------------------------------------
@@ -95,6 +95,7 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
     if resume.state is not None and "rng" in resume.state:
         st.restore_rng(resume.state["rng"], rank, world, device, logger)
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    logger.total_steps = max_steps  # progress and ETA on the log lines
     regularizer = build_regularizer(model, cfg)  # hooks on the unwrapped model, before DDP and compile wrap it
     dispersion = DispersionWatch(model, cfg, regularizer)  # diagnostics of the (would-be) regularised blocks
     net = model
@@ -188,13 +189,17 @@ def _mean_over_ranks(values: dict[str, torch.Tensor], world: int) -> dict[str, f
 @torch.no_grad()
 def _sample_grid(ema_model, codec, transport, cfg: TrainConfig, path: Path, device, logger) -> None:
     """Rank 0 writes a class-conditional grid from the EMA weights (disploss.sampling.grid.training_grid)."""
-    from disploss.sampling.grid import training_grid
+    from disploss.sampling.grid import grid_labels, training_grid
 
     if dist.is_main():
+        start = time.time()
+        classes, per_row = grid_labels(cfg.num_classes)
+        logger.info(f"sampling grid {path.name}: {len(classes) * per_row} images from the EMA weights, Heun ODE with "
+                    f"{cfg.sample_steps} grid points ({2 * (cfg.sample_steps - 1)} model calls), cfg {cfg.cfg_scale}")  # fmt: skip
         training_grid(
             ema_model, codec, transport, num_classes=cfg.num_classes, cfg_scale=cfg.cfg_scale,
             sample_steps=cfg.sample_steps, seed=cfg.global_seed, path=path, device=device,
         )  # fmt: skip
         logger.log_image("samples", str(path), int(path.stem))
-        logger.info(f"wrote sample grid {path}")
+        logger.info(f"wrote sample grid {path} in {time.time() - start:.0f} s")
     dist.barrier()

@@ -152,6 +152,7 @@ class RunLogger:
         self._wandb = None
         self._wandb_run = None
         self._tb = None
+        self.total_steps: int | None = None  # set by the training loop: the log lines then show progress and an ETA
         self.logger = logging.Logger(f"disploss.run.{id(self)}", level=logging.INFO)  # not in the global registry
         self.logger.propagate = False
         if not self.enabled:
@@ -209,7 +210,7 @@ class RunLogger:
         self._metrics_file.flush()
         if echo:  # per-layer values and diagnostics ('disp/blocks.5', 'diag/...') go to the files only
             text = ", ".join(f"{k}: {_format_value(v)}" for k, v in values.items() if "/" not in k)
-            self.logger.info(f"(step={int(step):07d}) {text}")
+            self.logger.info(f"({self._progress(int(step), values.get('steps_per_sec'))}) {text}")
         numeric = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._wandb_run is not None:
             self._wandb.log(numeric, step=int(step))
@@ -217,6 +218,16 @@ class RunLogger:
             for key, value in numeric.items():
                 self._tb.add_scalar(key, value, int(step))
             self._tb.flush()
+
+    def _progress(self, step: int, steps_per_sec) -> str:
+        # "step=0000350" or, with total_steps, "step=0000350/0001500 23% ETA 0:04:10" (from the last rate)
+        if not self.total_steps:
+            return f"step={step:07d}"
+        text = f"step={step:07d}/{self.total_steps:07d} {100 * step / self.total_steps:.0f}%"
+        if isinstance(steps_per_sec, (int, float)) and steps_per_sec > 0 and step < self.total_steps:
+            seconds = round((self.total_steps - step) / steps_per_sec)
+            text += f" ETA {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        return text
 
     def log_image(self, name: str, path_or_array: Any, step: int) -> None:
         """Send an image (e.g. the sample grid) to wandb / tensorboard when they are on.

@@ -11,26 +11,49 @@ from collections.abc import Callable
 import torch
 
 from disploss.errors import ConfigError
-from disploss.transport.integrators import default_noise, ode_fixed, ode_torchdiffeq, sde_integrate
+from disploss.transport.integrators import (
+    ADAPTIVE_METHODS,
+    FIXED_METHODS,
+    TIME_SCHEDULES,
+    default_noise,
+    ode_adaptive_per_image,
+    ode_fixed,
+    ode_torchdiffeq,
+    sde_integrate,
+    time_grid,
+)
 from disploss.transport.paths import DIFFUSION_FORMS
 from disploss.transport.transport import Transport
 
-ODE_FIXED_METHODS = ("euler", "heun2")
+ODE_FIXED_METHODS = FIXED_METHODS  # ours: euler, heun2, ab2, ab3 (exact model-call counts)
 TORCHDIFFEQ_METHODS = (
     "dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "euler", "midpoint", "heun2", "heun3", "rk4",
     "explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver",
 )  # fmt: skip
+ODE_METHODS = (*TORCHDIFFEQ_METHODS, *(m for m in FIXED_METHODS if m not in TORCHDIFFEQ_METHODS))
+# Adaptive methods run by our per-image solver (with step_control='per-image'); the other torchdiffeq methods that
+# share state across the batch: dopri8 (one step size per batch), implicit_adams and fixed_adams (a corrector
+# iterated to a tolerance over the batch), scipy_solver (the batch as one system).
+PER_IMAGE_METHODS = ADAPTIVE_METHODS
+BATCH_COUPLED_METHODS = ("dopri8", "implicit_adams", "fixed_adams", "scipy_solver")
+STEP_CONTROLS = ("per-image", "batch")
 SDE_METHODS = ("Euler", "Heun")
 LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
 
 
 def _check_ode_method(sampling_method: str, num_steps: int) -> None:
-    if sampling_method not in TORCHDIFFEQ_METHODS:
-        raise ConfigError(
-            f"unknown ODE sampling method {sampling_method!r}; valid choices: {', '.join(TORCHDIFFEQ_METHODS)}"
-        )
+    if sampling_method not in ODE_METHODS:
+        raise ConfigError(f"unknown ODE sampling method {sampling_method!r}; valid choices: {', '.join(ODE_METHODS)}")
     if num_steps < 2:
         raise ConfigError(f"num_steps must be at least 2, got {num_steps}")
+
+
+def _rows_of(model_kwargs: dict, rows: torch.Tensor, batch: int) -> dict:
+    # The model inputs of the rows `rows` of a batch of `batch`: per-row tensors (the labels) are indexed.
+    if rows.numel() == batch:
+        return model_kwargs
+    return {k: v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch else v
+            for k, v in model_kwargs.items()}  # fmt: skip
 
 
 class Sampler:
@@ -50,25 +73,44 @@ class Sampler:
         rtol: float = 1e-3,
         reverse: bool = False,
         keep_trajectory: bool = True,
+        time_schedule: str = "uniform",
+        time_rho: float = 1.5,
+        step_control: str = "per-image",
+        tied_halves: bool | None = None,
     ) -> Callable:
         """Probability-flow ODE from noise (t0) to data (t1), or data to noise with reverse=True.
 
         Args:
-            sampling_method: 'euler' and 'heun2' run our fixed-step integrator (exactly (num_steps - 1) or
-                2 (num_steps - 1) model calls); any other torchdiffeq method goes to torchdiffeq.
-            num_steps: points of the time grid linspace(t0, t1, num_steps); it bounds the calls of the
-                fixed-step methods only.
+            sampling_method: 'euler', 'heun2', 'ab2', 'ab3' run our fixed-step integrator, with exactly
+                (num_steps - 1), 2 (num_steps - 1), (num_steps - 1) and num_steps model calls; 'dopri5', 'bosh3',
+                'fehlberg2', 'adaptive_heun' our per-image adaptive solver (torchdiffeq's with step_control='batch');
+                any other torchdiffeq method goes to torchdiffeq.
+            num_steps: points of the time grid; it bounds the calls of the fixed-step methods only.
             keep_trajectory: False returns only the final state (as a 1-element stack): less memory.
+            time_schedule, time_rho: the grid (integrators.time_grid): 'uniform' (the reference's linspace) or
+                'power' (steps shrinking towards the data end, exponent rho); for adaptive methods the grid only
+                chooses the output times.
+            step_control: adaptive methods: 'per-image' (each image's own error decides its steps, so its result
+                does not depend on its batch-mates) or 'batch' (torchdiffeq's: one step size for the batch).
+            tied_halves: the batch is the guidance batch [x; x] (rows i and i + B/2 are one image): per-image
+                steps keep both rows together. None: when model_kwargs has 'cfg_scale' (the reference's
+                forward_with_cfg convention).
         Returns:
             fn(x, model_fn, **model_kwargs) -> tensor (num_steps, B, ...) of the states on the grid.
         """
         _check_ode_method(sampling_method, num_steps)
+        if time_schedule not in TIME_SCHEDULES:
+            raise ConfigError(f"unknown time schedule {time_schedule!r}; valid choices: {', '.join(TIME_SCHEDULES)}")
+        if step_control not in STEP_CONTROLS:
+            raise ConfigError(f"unknown step control {step_control!r}; valid choices: {', '.join(STEP_CONTROLS)}")
         t0, t1 = self.transport.interval(eval=True)
         if reverse:
             t0, t1 = t1, t0  # integrate the same field backwards in time: data -> noise
+        time_grid(t0, t1, num_steps, time_schedule, time_rho)  # checks rho now rather than at the first batch
+        per_image = sampling_method in PER_IMAGE_METHODS and step_control == "per-image"
 
         def _sample(x, model_fn, **model_kwargs):
-            ts = torch.linspace(t0, t1, num_steps, device=x.device)
+            ts = time_grid(t0, t1, num_steps, time_schedule, time_rho, device=x.device)
 
             def field(state, t):
                 return self.transport.drift(state, t, model_fn, **model_kwargs)
@@ -76,6 +118,16 @@ class Sampler:
             with torch.no_grad():
                 if sampling_method in ODE_FIXED_METHODS:
                     return torch.stack(ode_fixed(field, x, ts, sampling_method, keep=keep_trajectory))
+                if per_image:
+                    tie = "cfg_scale" in model_kwargs if tied_halves is None else tied_halves
+
+                    def rows_field(state, t, rows):
+                        kwargs = _rows_of(model_kwargs, rows, x.shape[0])
+                        return self.transport.drift(state, t, model_fn, **kwargs)
+
+                    return ode_adaptive_per_image(
+                        rows_field, x, ts, sampling_method, atol, rtol, tie_halves=tie, keep=keep_trajectory
+                    )
                 # VP's coefficients are undefined past t = 1 (sigma_t is NaN there): never step beyond t1.
                 vp = self.transport.path_type == "VP"
                 out = ode_torchdiffeq(field, x, ts, sampling_method, atol, rtol, stop_at_end=vp)
@@ -172,6 +224,10 @@ class Sampler:
             fn(x, model_fn, **model_kwargs) -> (logp (B,) in nats, x at t0 (B, ...)).
         """
         _check_ode_method(sampling_method, num_steps)
+        if sampling_method in ("ab2", "ab3"):
+            raise ConfigError(
+                f"the likelihood integrates with euler, heun2 or a torchdiffeq method, not {sampling_method}"
+            )
         t0, t1 = self.transport.interval(eval=True)
         tr = self.transport
 
@@ -188,7 +244,7 @@ class Sampler:
 
             ts = torch.linspace(t1, t0, num_steps, device=x.device)
             state = (x, torch.zeros(x.shape[0], device=x.device, dtype=x.dtype))
-            if sampling_method in ODE_FIXED_METHODS:
+            if sampling_method in ("euler", "heun2"):
                 # Fixed-step integration of the augmented state (x, integral of div v).
                 xs, acc = state
                 for i in range(num_steps - 1):

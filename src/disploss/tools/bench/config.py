@@ -10,8 +10,9 @@ from disploss.options import at_least, check_options, option, positive
 from disploss.runtime import DEVICES, PRECISIONS
 from disploss.training.config import check_block_spec
 
-SECTIONS = ("train", "disp", "sample")
-SAMPLERS = ("dopri5", "euler", "heun2", "sde-euler")
+SECTIONS = ("train", "disp", "sample", "paths", "profile")
+TRAIN_VARIANTS = ("nodisp", "disp")
+SAMPLERS = ("dopri5", "dopri5-batch", "euler", "heun2", "ab2", "ab3", "sde-euler")
 ADAMW_IMPLS = ("auto", "fused", "foreach", "for-loop")
 VAE_FACTOR = 8  # SD-VAE: 256 px images -> 32 x 32 x 4 latents
 
@@ -43,7 +44,7 @@ def block_specs(text: str) -> list[str]:
 class BenchConfig:
     """Every flag of `disploss bench` (see disploss.tools.bench.sections for what each section measures)."""
 
-    sections: str = option(",".join(SECTIONS), f"comma list of {', '.join(SECTIONS)} (default: all)")
+    sections: str = option("train,disp,sample", f"comma list of {', '.join(SECTIONS)}")
     quick: bool = option(False, f"tiny settings for CI, seconds on a CPU: {QUICK}")
     json: str | None = option(None, "write every number to this JSON file", metavar="OUT")
     reference_path: str | None = option(
@@ -104,17 +105,37 @@ class BenchConfig:
         None, f"grid points of the fixed-step samplers and the SDE (default {FULL['sample_steps']}); dopri5 is "
         "adaptive", check=at_least(2),
     )  # fmt: skip
+    train_variants: str = option("nodisp,disp", "train section: the variants timed (one compile each with --compile)")
+    profile_steps: int = option(3, "profile section: training steps under torch.profiler", check=at_least(1))
+    paths_batches: str = option(
+        "4,64", "paths section: the small (sample_ddp's default --per-proc-batch-size) and the large sampling batch",
+    )  # fmt: skip
 
     def __post_init__(self):
         check_options(self)
         _names(self.sections, SECTIONS, "--sections")
         _names(self.samplers, SAMPLERS, "--samplers")
+        _names(self.train_variants, TRAIN_VARIANTS, "--train-variants")
+        self.paths_batch_sizes  # noqa: B018  (checks the flag now)
         if self.image_size and self.input_size and self.input_size != self.image_size // VAE_FACTOR:
             raise ConfigError("--image-size and --input-size are alternatives: give one of them")
 
     @property
     def section_list(self) -> tuple[str, ...]:
         return _names(self.sections, SECTIONS, "--sections")
+
+    @property
+    def paths_batch_sizes(self) -> tuple[int, int]:
+        """(small, large) batch of the paths section."""
+        try:
+            small, large = (int(v) for v in self.paths_batches.split(","))
+        except ValueError:
+            raise ConfigError(
+                f"--paths-batches: expected two integers SMALL,LARGE, got {self.paths_batches!r}"
+            ) from None
+        if not 1 <= small <= large:
+            raise ConfigError(f"--paths-batches: expected 1 <= SMALL <= LARGE, got {self.paths_batches!r}")
+        return small, large
 
     @property
     def sampler_list(self) -> tuple[str, ...]:

@@ -10,6 +10,11 @@ Sections (--sections, all by default):
           --meanflow also the step of `train --objective meanflow` (disploss.tools.bench.meanflow).
   disp    the dispersive loss alone (forward + backward): ours against the reference's formula.
   sample  sampling images/s and model evaluations (NFE) per image for each sampler, counted by a wrapper.
+  profile training steps (the train section's, without the dispersive term) under torch.profiler: the ops by
+          device time and their share in groups (attention, matmuls, optimizer, the rest), a Chrome trace beside --json.
+  paths   the code paths of sampling against the previous default, interleaved batch by batch in one run: adaptive
+          dopri5 with one step size per batch (the previous default) and per image (the default now), and the
+          fixed-step ab2 (11 grid points) eager fp32 at a small and a large batch, with torch.compile, with bf16.
 
 FLOPs convention (stated once): models.forward_flops gives multiply-accumulates (MACs) of one forward pass
 of one image, the DiT "Gflops" number. One MAC = 2 FLOPs; a training step costs 3 forward passes (forward,
@@ -72,7 +77,7 @@ def _bench(cfg: BenchConfig) -> dict:
     set_precision(cfg.precision)
     torch.manual_seed(cfg.seed)
     model = None
-    if {"train", "sample"} & set(cfg.section_list):
+    if {"train", "sample", "paths", "profile"} & set(cfg.section_list):
         with device:  # built on the device: initialising SiT-XL/2 on the host takes many seconds
             model = create_model(
                 cfg.model, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes
@@ -95,6 +100,10 @@ def _bench(cfg: BenchConfig) -> dict:
         report["dispersive"] = bench_dispersive(cfg, device)
     if "sample" in cfg.section_list:
         report["sampling"] = bench_sampling(cfg, model, device, macs, mfu)
+    if "paths" in cfg.section_list:
+        report["paths"] = bench_paths(cfg, model, device)
+    if "profile" in cfg.section_list:
+        report["profile"] = bench_profile(cfg, model, device)
     report["meta"]["load_average_end"] = loadavg()
     return report
 
@@ -103,7 +112,6 @@ def _bench(cfg: BenchConfig) -> dict:
 def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
     """Full training steps (disploss.training.step.train_step, what `disploss train` runs), with and without the
     dispersive term (and the reference's, with --reference-path)."""
-    from disploss.dispersive import dispersive_loss
     from disploss.errors import ConfigError
     from disploss.training import TrainConfig
     from disploss.training.config import disp_blocks
@@ -152,7 +160,8 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
 
     regularised: dict[str, list[str]] = {}  # the layers each variant's last step regularised
 
-    variants = {name: ours(name) for name in ("ours_nodisp", *regularizers)}
+    selected = {f"ours_{v}" for v in cfg.train_variants.split(",")}  # --train-variants; --disp-blocks always
+    variants = {name: ours(name) for name in ("ours_nodisp", *regularizers) if name in selected or "[" in name}
     if cfg.meanflow:  # the MeanFlow step beside the flow step, same batch (disploss.tools.bench.meanflow)
         from disploss.tools.bench import meanflow as mf_bench
 
@@ -179,6 +188,33 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
         }  # fmt: skip
         log(f"  {name:<18} {1e3 * med:9.1f} ms/step (min {1e3 * best:.1f})  {B / med:9.1f} img/s  "
              f"peak {mems[name]:.2f} GB")  # fmt: skip
+    if {"ours_nodisp", "ours_disp"} <= set(variants):  # (with --train-variants nodisp alone: no share to give)
+        _dispersive_share(cfg, model, out, times, variants, regularizers, device, B)
+    if "reference_nodisp" in out:
+        for kind, key in (("", "step_ms"), ("_min", "step_ms_min")):
+            reference[f"speedup_nodisp{kind}"] = out["reference_nodisp"][key] / out["ours_nodisp"][key]
+            reference[f"speedup_disp{kind}"] = out["reference_disp"][key] / out["ours_disp"][key]
+        log(f"  reference / ours step time: {reference['speedup_nodisp']:.2f}x without disp, "
+             f"{reference['speedup_disp']:.2f}x with (minima: {reference['speedup_nodisp_min']:.2f}x, "
+             f"{reference['speedup_disp_min']:.2f}x)")  # fmt: skip
+    else:
+        log(f"  reference: {reference['status']}")
+    out["reference"] = reference
+    if cfg.meanflow:
+        params = {"ours_nodisp": params, "ours_meanflow": list(mf_parts["model"].parameters())}
+        out["meanflow"] = mf_bench.summarise(out, variants, params, log)
+        mf_parts["regularizer"].remove()
+        del mf_parts
+    for regularizer in regularizers.values():
+        regularizer.remove()
+    model.zero_grad(set_to_none=True)  # frees the gradients (and with the optimizer, its state) before sampling
+    return out
+
+
+def _dispersive_share(cfg, model, out: dict, times: dict, variants: dict, regularizers: dict, device, B: int) -> None:
+    """The dispersive term's share of the step (three estimates) and each regulariser's step-time ratios."""
+    from disploss.dispersive import dispersive_loss
+
     # The dispersive term alone at this model's activation shape (B, T, D): a less noisy share than the difference.
     z = torch.randn(B, model.x_embedder.num_patches, model.hidden_size, device=device, requires_grad=True)
     t_disp = time_fn(lambda: dispersive_loss(z, tau=cfg.disp_tau).backward(), cfg.warmup, cfg.steps, device)
@@ -203,25 +239,6 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
              f"{over['ratio_paired_q1']:.3f}-{over['ratio_paired_q3']:.3f}), {over['ratio_medians']:.3f} (medians), "
              f"{over['ratio_minima']:.3f} (minima); {over['blocks']} block(s), the loss alone "
              f"{100 * over['loss_alone_share_of_step']:.1f}% of the step")  # fmt: skip
-    if "reference_nodisp" in out:
-        for kind, key in (("", "step_ms"), ("_min", "step_ms_min")):
-            reference[f"speedup_nodisp{kind}"] = out["reference_nodisp"][key] / out["ours_nodisp"][key]
-            reference[f"speedup_disp{kind}"] = out["reference_disp"][key] / out["ours_disp"][key]
-        log(f"  reference / ours step time: {reference['speedup_nodisp']:.2f}x without disp, "
-             f"{reference['speedup_disp']:.2f}x with (minima: {reference['speedup_nodisp_min']:.2f}x, "
-             f"{reference['speedup_disp_min']:.2f}x)")  # fmt: skip
-    else:
-        log(f"  reference: {reference['status']}")
-    out["reference"] = reference
-    if cfg.meanflow:
-        params = {"ours_nodisp": params, "ours_meanflow": list(mf_parts["model"].parameters())}
-        out["meanflow"] = mf_bench.summarise(out, variants, params, log)
-        mf_parts["regularizer"].remove()
-        del mf_parts
-    for regularizer in regularizers.values():
-        regularizer.remove()
-    model.zero_grad(set_to_none=True)  # frees the gradients (and with the optimizer, its state) before sampling
-    return out
 
 
 def _overhead(with_s: list[float], without_s: list[float]) -> dict:
@@ -286,12 +303,15 @@ def bench_sampling(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> di
             return net(x, t, y).float()  # the solver integrates in float32 (as `disploss sample` does)
 
     sampler = Sampler(create_transport())
+
+    def ode(method, **kw):
+        return sampler.sample_ode(sampling_method=method, num_steps=cfg.sample_steps, keep_trajectory=False, **kw)
+
     fns = {
-        "dopri5": sampler.sample_ode(sampling_method="dopri5", num_steps=cfg.sample_steps, keep_trajectory=False),
-        "euler": sampler.sample_ode(sampling_method="euler", num_steps=cfg.sample_steps, keep_trajectory=False),
-        "heun2": sampler.sample_ode(sampling_method="heun2", num_steps=cfg.sample_steps, keep_trajectory=False),
+        "dopri5": ode("dopri5"), "dopri5-batch": ode("dopri5", step_control="batch"), "euler": ode("euler"),
+        "heun2": ode("heun2"), "ab2": ode("ab2"), "ab3": ode("ab3"),
         "sde-euler": sampler.sample_sde(sampling_method="Euler", num_steps=cfg.sample_steps),
-    }
+    }  # fmt: skip
     B, C, S = cfg.sample_batch, cfg.in_channels, cfg.input_size
     gen = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(B, C, S, S, generator=gen).to(device)
@@ -333,6 +353,114 @@ def bench_sampling(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> di
             "seconds": dt, **mfu(2 * macs * B * calls[0] / dt),
         }  # fmt: skip
         log(f"  {name:<10} {images / dt:9.2f} img/s  NFE/image {nfe:6.0f}  {1e3 * dt / calls[0]:8.1f} ms/NFE")
+    return out
+
+
+def bench_profile(cfg: BenchConfig, model, device) -> dict:
+    """cfg.profile_steps training steps (no dispersive term) under torch.profiler after cfg.warmup steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from disploss.training.ema import EMA
+    from disploss.training.objective import flow_objective
+    from disploss.training.step import StepParts, train_step
+    from disploss.transport import create_transport
+
+    model.train()
+    B, C, S = cfg.batch, cfg.in_channels, cfg.input_size
+    x = torch.randn(B, C, S, S, device=device)
+    y = torch.randint(0, cfg.num_classes, (B,), device=device)
+    net = torch.compile(model) if cfg.compile else model
+    parts = StepParts(net=net, objective=flow_objective(create_transport(), None),
+                      opt=_adamw(model.parameters(), cfg.adamw), ema=EMA(model), device=device,
+                      params=[p for p in model.parameters() if p.requires_grad], precision=cfg.precision)  # fmt: skip
+    for _ in range(max(cfg.warmup, 1)):
+        train_step(parts, x, y)
+    sync(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    log(f"profile: {cfg.profile_steps} steps of batch {B} under torch.profiler")
+    with profile(activities=activities) as prof:
+        for _ in range(cfg.profile_steps):
+            train_step(parts, x, y)
+        sync(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events) or 1.0
+    groups = {"attention": ("attention", "sdpa", "flash", "fmha", "cudnn_attn"),
+              "matmul": ("mm", "gemm", "matmul", "linear", "cutlass", "sm90", "sm80", "nvjet"),
+              "optimizer": ("adam", "_foreach", "multi_tensor"), "ema": ("lerp",)}  # fmt: skip
+    shares = {g: 0.0 for g in (*groups, "other")}
+    for e in events:
+        group = next((g for g, keys in groups.items() if any(k in e.key.lower() for k in keys)), "other")
+        shares[group] += getattr(e, key) / total
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:25]
+    table = [{"name": e.key, "share": getattr(e, key) / total, "ms_per_step": getattr(e, key) / 1e3 / cfg.profile_steps,
+              "calls_per_step": e.count / cfg.profile_steps} for e in top]  # fmt: skip
+    log("  device-time shares: " + ", ".join(f"{g} {100 * v:.1f}%" for g, v in shares.items()))
+    for row in table[:15]:
+        log(f"  {100 * row['share']:5.1f}%  {row['ms_per_step']:8.2f} ms/step  {row['name'][:90]}")
+    if cfg.json:
+        trace = f"{cfg.json.removesuffix('.json')}.trace.json.gz"  # not *.json: summarize.py reads those
+        prof.export_chrome_trace(trace)
+        log(f"  Chrome trace: {trace}")
+    model.zero_grad(set_to_none=True)
+    return {"steps": cfg.profile_steps, "time_key": key, "shares": shares, "top": table,
+            "ms_per_step_profiled": total / 1e3 / cfg.profile_steps}  # fmt: skip
+
+
+def bench_paths(cfg: BenchConfig, model, device) -> dict:
+    """Images/s of sampling code paths, interleaved batch by batch so that load changes hit them alike; the ratio of
+    each to the previous default (dopri5 with one step size per batch, eager fp32, the small batch)."""
+    from disploss.sampling.guidance import guided_model_fn
+    from disploss.transport import Sampler, create_transport
+
+    model.eval()
+    small, large = cfg.paths_batch_sizes
+    sampler = Sampler(create_transport())
+    C, S = cfg.in_channels, cfg.input_size
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(large, C, S, S, generator=gen).to(device)
+    y = torch.randint(0, cfg.num_classes, (large,), generator=gen).to(device)
+    nfe: dict[str, list[int]] = {}
+
+    def variant(name, method, batch, bf16=False, compile=False, **kw):
+        fn, _ = guided_model_fn(model, 1.0, 3, bf16=bf16, compile=compile)
+        solve = sampler.sample_ode(sampling_method=method, num_steps=11, keep_trajectory=False, **kw)
+        rows = nfe.setdefault(name, [0, 0])
+
+        def counted(xs, ts, y):
+            rows[0] += len(xs)
+            return fn(xs, ts, y)
+
+        def run():
+            rows[1] += batch
+            with torch.no_grad():
+                solve(x[:batch], counted, y=y[:batch])
+
+        return name, (run, batch)
+
+    variants = dict([
+        variant(f"dopri5 batch-steps, eager fp32, batch {small} (previous default)", "dopri5", small,
+                step_control="batch"),
+        variant(f"dopri5 per-image, eager fp32, batch {small}", "dopri5", small),
+        variant(f"ab2 11 points, eager fp32, batch {small}", "ab2", small),
+        variant(f"ab2 11 points, eager fp32, batch {large}", "ab2", large),
+        variant(f"ab2 11 points, compile fp32, batch {large}", "ab2", large, compile=True),
+        variant(f"ab2 11 points, eager bf16, batch {large}", "ab2", large, bf16=True),
+        variant(f"ab2 11 points, compile bf16, batch {large}", "ab2", large, bf16=True, compile=True),
+    ])  # fmt: skip
+    log(f"paths: {len(variants)} variants x ({max(cfg.warmup, 1)} warm-up + {cfg.steps} measured) batches, interleaved")
+    times, _, warm_s = time_interleaved({k: v[0] for k, v in variants.items()}, max(cfg.warmup, 1), cfg.steps, device)
+    out: dict = {"warmup_s": warm_s, "small_batch": small, "large_batch": large, "variants": []}  # in order
+    base = None
+    for name, (_, batch) in variants.items():
+        med = statistics.median(times[name])
+        rate = batch / med
+        base = base or rate
+        calls, images = nfe[name]
+        out["variants"].append({"name": name, "images_per_sec": rate, "batch_s": med, "batch_s_all": times[name],
+                                "nfe_per_image": calls / images, "ratio_to_previous": rate / base})  # fmt: skip
+        log(f"  {name:<58} {rate:9.2f} img/s  {rate / base:6.2f}x  NFE/image {calls / images:5.1f}")
     return out
 
 

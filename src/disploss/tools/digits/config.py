@@ -28,8 +28,8 @@ Choices, and why:
   feature network, not from the generator.) --reference all uses every real digit instead. The score of the real
   train-split digits against the same reference is reported as a floor: a generator that reproduced its
   training data would score about that.
-- 8 x 8 pixels by default (--image-size): the digits' own resolution. The demo's 16 x 16 is a bilinear upsample of
-  the same 8 x 8 images and costs about 4x more per training step and per sample on a CPU.
+- 8 x 8 pixels by default (--image-size): the digits' own resolution, as the demo. 16 x 16 would be a bilinear
+  upsample of the same 8 x 8 images at about 4x the cost per training step and per sample on a CPU.
 - EMA decay 0.99 by default (--ema-decay), as the demo: with 0.999 the EMA of a 1500-step run still holds
   0.999**1500 = 22% of the random initialisation (69% at the first quarter), so early checkpoints would measure
   the EMA's lag, not the model.
