@@ -355,3 +355,19 @@ def test_screen_picks_the_best_tau_for_the_lambda_pass(monkeypatch):
     assert first.screen and second.screen
     added = {a.spec() for a in second.arm_list()} - {a.spec() for a in first.arm_list()}
     assert added == {"infonce_l2+lam=0.05+tau=4", "infonce_l2+lam=1+tau=4"}
+
+
+def test_shards_split_the_runs_and_cover_them_once(monkeypatch, tmp_path):
+    from disploss.tools.digits import run as run_module
+
+    trained, sampled = [], []
+    monkeypatch.setattr(run_module, "_train_run", lambda tc: (trained.append(tc.results_dir) or tmp_path, 0.0, 0.0))
+    monkeypatch.setattr(run_module, "samples_for", lambda cfg, run_dir, step, *a: sampled.append(step))
+    base = ex.DigitsConfig(seeds=(0, 1), arms=("hinge", "covariance"), steps=40, evals=2, out=str(tmp_path))
+    for k in range(2):
+        assert run_module.run_digits(dataclasses.replace(base, shard=f"{k}/2"), log=lambda *_: None) == {}
+    expected = [ex.train_config(base, a, s).results_dir for s in (0, 1) for a in base.arm_list()]
+    assert sorted(trained) == sorted(expected) and len(set(trained)) == 6  # every run once, over the two shards
+    assert sampled == [20, 40] * 6
+    with pytest.raises(ValueError, match="--shard '2/2': expected K/N"):
+        ex.DigitsConfig(shard="2/2")

@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
         cfg = digits_config(args)
         results = run_screen(cfg) if cfg.screen else run_digits(cfg)
+        if cfg.shard is not None:
+            return 0
         final = max(cfg.eval_steps())
         print(f"\nfeature-FID at step {final} (mean ± std over {len(cfg.seeds)} seed(s)):")
         for name, arm in results["arms"].items():

@@ -273,6 +273,10 @@ class DigitsConfig:
         None, "torch CPU threads (default: torch's choice); 1 is much faster than 2 on a machine shared with other "
         "jobs (threads of an oversubscribed pool wait for each other)", check=at_least(1),
     )  # fmt: skip
+    shard: str | None = option(
+        None, "K/N: train and sample only the K-th of N shares of the runs (run N such processes side by side, then the "
+        "same command without --shard to score and report)", metavar="K/N",
+    )  # fmt: skip
     quick: bool = option(False, "a smoke run in about a minute: 40 steps, seed 0 only, 100 samples, 3-epoch classifier")
     meanflow: bool = option(False, "also train MeanFlow arms (without and with the dispersive term) and score the "
                             "final checkpoints against the number of model calls (see the module docstring)")  # fmt: skip
@@ -287,6 +291,8 @@ class DigitsConfig:
         if self.image_size % 2:
             raise ConfigError(f"--image-size must be even (the demo model's patch size is 2), got {self.image_size}")
         self.arm_list()  # every --arms spec parses
+        if self.shard is not None:
+            self.shard_index()
         if self.classifier.image_size != self.image_size:
             raise ConfigError(
                 f"the classifier reads {self.classifier.image_size} px images but the samples are {self.image_size} px"
@@ -308,6 +314,13 @@ class DigitsConfig:
         for arm in [BASELINE, *arms]:  # one arm per recipe: 'dispersive' and 'infonce_l2' are the same runs
             unique.setdefault(arm.spec(), arm)
         return list(unique.values())
+
+    def shard_index(self) -> tuple[int, int]:
+        """(K, N) of --shard K/N."""
+        k, _, n = (self.shard or "").partition("/")
+        if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
+            raise ConfigError(f"--shard {self.shard!r}: expected K/N with 0 <= K < N, e.g. 0/2")
+        return int(k), int(n)
 
     def eval_steps(self) -> list[int]:
         """The steps whose checkpoints are scored."""

@@ -86,6 +86,21 @@ def run_screen(cfg: DigitsConfig, log=print) -> dict:
     return run_digits(dataclasses.replace(screen, arms=(cfg.arms or ()) + extra), log)
 
 
+def run_shard(cfg: DigitsConfig, log=print) -> None:
+    """--shard K/N: train and sample this process's share of the (seed, arm) runs, nothing else; N such processes
+    run side by side (one per core), and the same command without --shard then scores and reports, reusing them."""
+    k, n = cfg.shard_index()
+    pairs = [(seed, arm) for seed in cfg.seeds for arm in cfg.arm_list()][k::n]
+    labels, noise = sample_plan(cfg.num_samples, cfg.noise_seed, cfg.image_size)
+    for seed, arm in pairs:
+        tc = train_config(cfg, arm, seed)
+        log(f"== shard {k}/{n}: {arm.name}, seed {seed}: {tc.results_dir}")
+        run_dir, _, _ = _train_run(tc)
+        for step in cfg.eval_steps():
+            samples_for(cfg, run_dir, step, labels, noise, primary_spec(arm))
+    log(f"shard {k}/{n} done: {len(pairs)} run(s); run the same command without --shard to score and report them")
+
+
 def run_digits(cfg: DigitsConfig, log=print) -> dict:
     """Train every arm and seed, score every checkpoint, write results.{json,md}, the plot and sample grids.
 
@@ -99,6 +114,9 @@ def run_digits(cfg: DigitsConfig, log=print) -> dict:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
+        if cfg.shard is not None:
+            run_shard(cfg, log)
+            return {}
         return _run_digits(cfg, log)
     finally:
         torch.set_num_threads(threads)
