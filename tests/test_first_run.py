@@ -94,12 +94,12 @@ def test_loss_plot_has_a_panel_per_term_with_labelled_axes(tmp_path, monkeypatch
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from disploss.tools.demo import plot_losses
+    from disploss.training.plots import plot_run
 
     run, rows = _fake_run(tmp_path, disp=True)
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to inspect it
-    assert plot_losses(run).is_file()
+    assert plot_run(run).is_file()
     axes = figures[0].axes
     assert [ax.get_title() for ax in axes] == ["flow-matching loss", "dispersive loss (infonce_cosine)",
                                               "total = flow + 0.25 x dispersive"]  # fmt: skip
@@ -107,6 +107,28 @@ def test_loss_plot_has_a_panel_per_term_with_labelled_axes(tmp_path, monkeypatch
         assert ax.get_ylabel() and ax.get_xlabel() == "training step"
         (line,) = ax.get_lines()
         assert list(line.get_ydata()) == [r[key] for r in rows]  # each panel draws its own term only
+
+
+def test_loss_plot_shows_the_diagnostics_under_the_losses(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from disploss.training.plots import plot_run
+
+    run, rows = _fake_run(tmp_path, disp=True)
+    for k, row in enumerate(rows):  # two regularised blocks: the plot draws their mean
+        row.update({"diag/blocks.0/rms": 1.0 + k, "diag/blocks.1/rms": 3.0 + k, "diag/blocks.0/unsaturated": 0.5})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert plot_run(run).is_file()
+    titles = {ax.get_title(): ax for ax in figures[0].axes}
+    rms = next(ax for title, ax in titles.items() if title.startswith("rms of the representations"))
+    assert list(rms.get_lines()[0].get_ydata()) == [2.0, 3.0, 4.0]
+    assert any(title.startswith("pairs the InfoNCE terms still pull apart") for title in titles)
+    assert not any(title.startswith("effective rank") for title in titles)  # no such key logged: no panel
 
 
 def test_demo_trains_on_one_thread_by_default_and_restores_threads(tmp_path, monkeypatch, capsys):

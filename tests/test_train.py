@@ -303,3 +303,9 @@ def test_baseline_runs_log_the_diagnostics_of_the_watched_block(images, tmp_path
     assert {k for k in m if k.startswith("diag/")} == {
         f"diag/blocks.5/{s}" for s in ("rms", "median_d", "unsaturated", "offdiag_weight", "effective_rank")
     }
+
+
+def test_every_run_plots_its_losses_and_diagnostics(images, tmp_path):
+    assert train_cli(tiny_flags(images, tmp_path, steps=2, disp=True)) == 0
+    curve = only_run(tmp_path) / "loss_curve.png"
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

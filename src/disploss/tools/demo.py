@@ -5,7 +5,6 @@ curve with the flow and dispersive terms, and a checkpoint that `sample.py` read
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,39 +65,6 @@ def demo_config(
     )  # fmt: skip
 
 
-def plot_losses(run_dir: Path) -> Path:
-    """loss_curve.png from metrics.jsonl: the flow term, the dispersive term and the total, each on its own axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "flow" in r]
-    steps = [r["step"] for r in rows]
-    lam = config.get("disp_weight", 0.0) if config.get("disp") else 0.0
-    variant = config.get("disp_variant", "dispersive")
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    panels = [
-        ("flow", "flow-matching loss", "mean squared error of the velocity", "C0"),
-        ("disp", f"dispersive loss ({variant})", "loss value" if lam else "(off: --no-disp)", "C2"),
-        ("loss", f"total = flow + {lam:g} x dispersive", "loss value", "C1"),
-    ]
-    for ax, (key, title, ylabel, color) in zip(axes, panels):
-        ax.plot(steps, [r[key] for r in rows], color=color)
-        ax.set_xlabel("training step"), ax.set_ylabel(ylabel), ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{run_dir.name}: losses averaged over each logging interval", fontsize=10)
-    fig.tight_layout()
-    out = run_dir / "loss_curve.png"
-    from disploss.fileio import atomic_write
-
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return out
-
-
 def run_demo(cfg: DemoConfig, log=print) -> Path:
     """Train the demo, plot its losses; returns the run folder."""
     import torch
@@ -115,7 +81,7 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
         run_dir = train(tc)
     finally:
         torch.set_num_threads(threads)
-    curve = plot_losses(run_dir)
+    curve = run_dir / "loss_curve.png"  # written by train() (disploss.training.plots)
     grid = run_dir / "samples" / f"{cfg.steps:07d}.png"
     ckpt = run_dir / "checkpoints" / f"{cfg.steps:07d}.pt"
     log(f"\ndemo finished in {(time.time() - start) / 60:.1f} min")

@@ -15,6 +15,7 @@ import torch
 from disploss import distributed as dist
 from disploss.training import preemption
 from disploss.training.config import TrainConfig
+from disploss.training.plots import plot_run
 from disploss.training.preflight import check_patch, preflight
 
 
@@ -170,6 +171,8 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
             if step >= max_steps:
                 break
     logger.info(f"done at step {step}")
+    if info.is_main and (curve := plot_run(run_dir)) is not None:
+        logger.info(f"wrote {curve}")
     logger.close()
     dist.barrier()
     return run_dir
