@@ -39,6 +39,7 @@ derivative); the primal pass keeps the fused kernels.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -118,7 +119,10 @@ def jvp_u(model: Callable, z: torch.Tensor, t: torch.Tensor, r: torch.Tensor, v:
         du/dt is detached.
     """
     with fwAD.dual_level():
-        out = model(fwAD.make_dual(z, v), fwAD.make_dual(t, torch.ones_like(t)), r=r, **model_kwargs)
+        with warnings.catch_warnings():  # torch's first make_dual loads its JVP decompositions with torch.jit.script,
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+            z_dual, t_dual = fwAD.make_dual(z, v), fwAD.make_dual(t, torch.ones_like(t))  # which warns; not ours
+        out = model(z_dual, t_dual, r=r, **model_kwargs)
         u, dudt = fwAD.unpack_dual(out)
     return u, (torch.zeros_like(u) if dudt is None else dudt.detach())  # None: u does not depend on (z, t)
 

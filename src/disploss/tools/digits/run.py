@@ -82,8 +82,9 @@ def run_screen(cfg: DigitsConfig, log=print) -> dict:
 
     best = min((0.25, 1.0, 4.0, 16.0), key=final_fid)
     log(f"screen: best tau on the last block {best:g} (final feature-FID {final_fid(best):.2f}); lambda pass next")
-    extra = tuple(a.spec() for a in lambda_arms(best))
-    return run_digits(dataclasses.replace(screen, arms=(cfg.arms or ()) + extra), log)
+    # The first pass's arms by name (the named ones keep theirs), then the lambda pass's
+    arms = tuple(a.name for a in screen.arm_list()) + tuple(a.spec() for a in lambda_arms(best))
+    return run_digits(dataclasses.replace(screen, arms=arms), log)
 
 
 def run_shard(cfg: DigitsConfig, log=print) -> None:
