@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from disploss.processes import boot_id, process_start
 from disploss.training import rundir
 
 
@@ -161,7 +162,7 @@ def test_lock_names_the_live_holder_and_is_released(tmp_path):
 def test_lock_of_a_dead_process_on_this_host_is_stale(tmp_path):
     import socket
 
-    write_lock(tmp_path, host=socket.gethostname(), boot_id=rundir._boot_id(), pid=dead_pid(), lease=time.time())
+    write_lock(tmp_path, host=socket.gethostname(), boot_id=boot_id(), pid=dead_pid(), lease=time.time())
     with rundir.RunLock(tmp_path) as lock:  # at once: no waiting on a lease
         assert lock._read()["pid"] == os.getpid()
 
@@ -169,10 +170,10 @@ def test_lock_of_a_dead_process_on_this_host_is_stale(tmp_path):
 def test_lock_of_a_reused_pid_is_stale(tmp_path):
     import socket
 
-    start = rundir._proc_start(os.getpid())
+    start = process_start(os.getpid())
     if start is None:
         pytest.skip("no /proc here: a pid's start time is unknown")
-    write_lock(tmp_path, host=socket.gethostname(), boot_id=rundir._boot_id(), pid=os.getpid(), pid_start=start - 1)
+    write_lock(tmp_path, host=socket.gethostname(), boot_id=boot_id(), pid=os.getpid(), pid_start=start - 1)
     with rundir.RunLock(tmp_path) as lock:  # our pid, but not the process that took the lock
         assert lock._read()["token"] == lock.token
 

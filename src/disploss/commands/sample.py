@@ -11,22 +11,14 @@ import argparse
 
 from disploss.commands.flags import add_mode_subparsers, config_from_namespace
 from disploss.commands.report import guarded
-from disploss.sampling.config import MODES, GuidanceConfig, SamplerConfig
+from disploss.sampling.config import MODE_HELP, MODES, mode_defaults
 from disploss.sampling.grid import SampleConfig, sample_grid
-
-MODE_HELP = {
-    "ODE": "sample with the probability-flow ODE",
-    "SDE": "sample with the reverse-time SDE",
-    "MeanFlow": "sample a MeanFlow model (train --objective meanflow) in --num-sampling-steps steps (default 1)",
-}
-# MeanFlow folds guidance into its training target: no guidance at sampling unless --cfg-scale asks for it.
-MODE_DEFAULTS = {
-    "MeanFlow": SampleConfig(sampler=SamplerConfig(mode="MeanFlow"), guidance=GuidanceConfig(cfg_scale=1.0))
-}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_mode_subparsers(parser, SampleConfig, MODES, MODE_HELP, mode_defaults=MODE_DEFAULTS, check_at_parse=True)
+    add_mode_subparsers(
+        parser, SampleConfig, MODES, MODE_HELP, mode_defaults=mode_defaults(SampleConfig), check_at_parse=True
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,6 +24,8 @@ import time
 import uuid
 from pathlib import Path
 
+from disploss.processes import pid_alive, process_start
+
 BLOCK_SIZE = 32  # indices per claim; the same in every launch, so that claims of different launches exclude
 LEASE_S = 300.0  # a claim not refreshed for this long is stale, whoever holds it
 HEARTBEAT_S = 30.0
@@ -33,25 +35,6 @@ PREFIX = ".claim-"
 def claim_name(block: int | str) -> str:
     """File name of the claim on a block (an int) or on a named step such as "npz"."""
     return f"{PREFIX}{block:06d}" if isinstance(block, int) else f"{PREFIX}{block}"
-
-
-def _process_start(pid: int) -> str | None:
-    # Field 22 of /proc/PID/stat: the start time in clock ticks since boot, which tells a reused pid apart.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return start is None or _process_start(pid) in (None, start)
 
 
 class Claims:
@@ -67,7 +50,7 @@ class Claims:
         self.folder = Path(folder)
         self.lease_s = lease_s
         self.owner = {
-            "host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
+            "host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
             "token": uuid.uuid4().hex,
         }  # fmt: skip
         self.held: dict[str, int | str] = {}  # claim file name -> block
@@ -138,7 +121,7 @@ class Claims:
         if owner is None:
             return age > 5.0  # being written right now, or garbage left by a crash
         if owner.get("host") == self.owner["host"]:
-            return not _alive(int(owner.get("pid", -1)), owner.get("start"))
+            return not pid_alive(int(owner.get("pid", -1)), owner.get("start"))
         return False
 
     # -- internals ------------------------------------------------------------------------------------------

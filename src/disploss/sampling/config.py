@@ -32,6 +32,11 @@ from disploss.transport import (
 )
 from disploss.transport import LAST_STEPS as TRANSPORT_LAST_STEPS
 
+MODE_HELP = {
+    "ODE": "sample with the probability-flow ODE",
+    "SDE": "sample with the reverse-time SDE",
+    "MeanFlow": "sample a MeanFlow model (train --objective meanflow) in --num-sampling-steps steps (default 1)",
+}
 MODES = ("ODE", "SDE", "MeanFlow")
 FLOW_MODES = ("ODE", "SDE")  # modes of flow-matching models; MeanFlow models take MeanFlow
 # The transport's last steps, None spelled 'None' as the reference's command line does.
@@ -228,3 +233,9 @@ class GuidanceConfig:
         check_options(self)
         if self.guide_channels is not None and self.guide_channels < 1:
             raise ConfigError(f"--guide-channels must be a positive integer or all, got {self.guide_channels}")
+
+
+def mode_defaults(cls: type) -> dict:
+    """{mode: an instance of the command's config `cls`} whose values are that mode's flag defaults: MeanFlow folds
+    guidance into its training target, so it samples without guidance unless --cfg-scale asks for it."""
+    return {"MeanFlow": cls(sampler=SamplerConfig(mode="MeanFlow"), guidance=GuidanceConfig(cfg_scale=1.0))}

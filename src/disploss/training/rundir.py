@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from disploss.errors import UsageError
+from disploss.processes import boot_id, pid_alive, process_start
 
 __all__ = [
     "experiment_name",
@@ -171,33 +172,6 @@ class RunFolderLockedError(UsageError, RuntimeError):
     """Another live job trains this run folder."""
 
 
-def _proc_start(pid: int) -> int | None:
-    # Start time of a process in clock ticks since boot (Linux): tells a live pid from a reused one.
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _boot_id() -> str | None:
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def _pid_alive(pid: int, start: int | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by another user
-    return start is None or _proc_start(pid) in (None, start)
-
-
 def describe_holder(holder: dict) -> str:
     """`pid 123 on host h since 2026-01-01 10:00:00 (SLURM job 77)` from a lock file's content."""
     job = f" (SLURM job {holder['job']})" if holder.get("job") else ""
@@ -236,7 +210,7 @@ class RunLock:
     # -- the file ----------------------------------------------------------------------------------------------
     def _content(self, started: str) -> dict:
         return {
-            "host": self.host, "boot_id": _boot_id(), "pid": os.getpid(), "pid_start": _proc_start(os.getpid()),
+            "host": self.host, "boot_id": boot_id(), "pid": os.getpid(), "pid_start": process_start(os.getpid()),
             "started": started, "lease": time.time(), "token": self.token,
             "job": os.environ.get("SLURM_JOB_ID") or None,
         }  # fmt: skip
@@ -288,9 +262,9 @@ class RunLock:
             except FileNotFoundError:
                 return "stale"
             return "stale" if age > 10 else "lease"
-        same_machine = holder.get("host") == self.host and holder.get("boot_id") == _boot_id()
+        same_machine = holder.get("host") == self.host and holder.get("boot_id") == boot_id()
         if same_machine:
-            return "live" if _pid_alive(int(holder.get("pid", -1)), holder.get("pid_start")) else "stale"
+            return "live" if pid_alive(int(holder.get("pid", -1)), holder.get("pid_start")) else "stale"
         if holder.get("host") == self.host:  # same name, another boot: every process of that boot is gone
             return "stale"
         return "stale" if time.time() - float(holder.get("lease", 0)) > self.stale_s else "lease"
