@@ -38,7 +38,6 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
     from disploss.training.ema import EMA
     from disploss.training.metrics import RunningMeans
     from disploss.training.objective import DispersionWatch, build_objective, build_regularizer
-    from disploss.training.runlog import RunLogger
     from disploss.training.step import NonFiniteWatch, StepParts, make_adamw, nonfinite_term, train_step
     from disploss.transport import create_transport
 
@@ -74,22 +73,7 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
     step = resume.step
     run_dir, lock = dist.on_every_rank(st.prepare_run_dir, cfg, resume, model, info.is_main, on_exit)
     config = {**cfg.as_dict(), "model_config": model.config(), "world_size": world, "run_dir": str(run_dir)}
-    logger = RunLogger(
-        run_dir, resume_step=step or None, wandb=cfg.wandb, wandb_config=config, tensorboard=cfg.tensorboard
-    )
-    on_exit.callback(logger.close)
-    if info.is_main:
-        from disploss.fileio import atomic_write_json
-
-        atomic_write_json(run_dir / "config.json", config)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info(f"run folder {run_dir}; {world} process(es) on {device}; {n_params:,} parameters")
-    if resume.step:
-        logger.info(f"resumed from {resume.path} at step {step}")
-    for line in resume.notes:
-        logger.info(line)
-    for line in [*resume.warnings, *td.notes]:
-        logger.warning(line)
+    logger = _start_log(cfg, config, run_dir, model, resume, td.notes, info, on_exit)
 
     # -- data and the step --------------------------------------------------------------------------------------------
     loader, sampler = data.make_loader(td.dataset, local_batch, world, rank, cfg.global_seed, cfg.num_workers, device)
@@ -99,13 +83,7 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
     logger.total_steps = max_steps  # progress and ETA on the log lines
     regularizer = build_regularizer(model, cfg)  # hooks on the unwrapped model, before DDP and compile wrap it
     dispersion = DispersionWatch(model, cfg, regularizer)  # diagnostics of the (would-be) regularised blocks
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if cfg.compile:
-        net = torch.compile(net)
+    net = _wrap(model, world, device, cfg.compile)  # DDP and torch.compile around the model
     model.train()
     parts = StepParts(
         net=net, objective=build_objective(cfg, transport, regularizer), opt=opt, ema=ema, device=device,
@@ -176,6 +154,39 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
     logger.close()
     dist.barrier()
     return run_dir
+
+
+def _start_log(cfg: TrainConfig, config: dict, run_dir: Path, model, resume, notes: list, info, on_exit):
+    """The run's logger (closed by `on_exit`), config.json (rank 0), and the opening lines of log.txt."""
+    from disploss.training.runlog import RunLogger
+
+    logger = RunLogger(
+        run_dir, resume_step=resume.step or None, wandb=cfg.wandb, wandb_config=config, tensorboard=cfg.tensorboard
+    )
+    on_exit.callback(logger.close)
+    if info.is_main:
+        from disploss.fileio import atomic_write_json
+
+        atomic_write_json(run_dir / "config.json", config)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"run folder {run_dir}; {info.world_size} process(es) on {info.device}; {n_params:,} parameters")
+    if resume.step:
+        logger.info(f"resumed from {resume.path} at step {resume.step}")
+    for line in resume.notes:
+        logger.info(line)
+    for line in [*resume.warnings, *notes]:
+        logger.warning(line)
+    return logger
+
+
+def _wrap(model: torch.nn.Module, world: int, device: torch.device, compile: bool):
+    """The model as the step calls it: DistributedDataParallel over several processes, then torch.compile."""
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return torch.compile(net) if compile else net
 
 
 def _prefixed(prefix: str, values: dict) -> dict:
