@@ -61,32 +61,19 @@ def extract(args) -> bool:
     return extract_library(config_from_namespace(ExtractConfig, args), distributed.init("cpu"))
 
 
+def flags(image_dir, vae_dir, out, shard_size: int = 4) -> list[str]:
+    """The flags of a tiny extraction: 16 px, 2 classes, batches of 3, shards of `shard_size`, CPU, no workers."""
+    return [
+        "--data-path", str(image_dir), "--vae", str(vae_dir), "--out", str(out), "--image-size", "16",
+        "--num-classes", "2", "--batch-size", "3", "--num-workers", "0", "--device", "cpu",
+        "--shard-size", str(shard_size),
+    ]  # fmt: skip
+
+
 def parse(image_dir, vae_dir, out, *extra):
     parser = argparse.ArgumentParser()
     extract_latents.add_arguments(parser)
-    return parser.parse_args(
-        [
-            "--data-path",
-            str(image_dir),
-            "--vae",
-            str(vae_dir),
-            "--out",
-            str(out),
-            "--image-size",
-            "16",
-            "--num-classes",
-            "2",
-            "--batch-size",
-            "3",
-            "--num-workers",
-            "0",
-            "--device",
-            "cpu",
-            "--shard-size",
-            "4",
-            *extra,
-        ]
-    )
+    return parser.parse_args([*flags(image_dir, vae_dir, out), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -280,24 +267,7 @@ def test_two_processes_under_torchrun(tmp_path, image_dir, vae_dir, cache):
         "-m",
         "disploss",
         "extract-latents",
-        "--data-path",
-        str(image_dir),
-        "--vae",
-        str(vae_dir),
-        "--out",
-        str(out),
-        "--image-size",
-        "16",
-        "--num-classes",
-        "2",
-        "--batch-size",
-        "3",
-        "--num-workers",
-        "0",
-        "--device",
-        "cpu",
-        "--shard-size",
-        "2",
+        *flags(image_dir, vae_dir, out, shard_size=2),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
