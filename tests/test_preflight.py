@@ -76,6 +76,7 @@ class Probe:
     def __init__(self, monkeypatch, reachable: bool, cached_vae=None):
         self.heads, self.loads = [], []
         self.reachable, self.cached_vae = reachable, cached_vae
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # CI exports HF_HUB_OFFLINE=1; the probe is the hub
         monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", self.head)
         monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", self.load)
 
