@@ -20,6 +20,7 @@ from disploss.data import latents as latent_format
 from disploss.data.extract import ExtractConfig
 from disploss.data.extract import extract_latents as extract_library
 from disploss.data.vae import LatentCodec, load_vae
+from trainkit import save_tiny_vae
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -28,19 +29,7 @@ SCALE = 0.5
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_vae")
-    torch.manual_seed(0)
-    diffusers.AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=4,
-        sample_size=16,
-        scaling_factor=SCALE,
-    ).save_pretrained(folder)
-    return folder
+    return save_tiny_vae(tmp_path_factory.mktemp("tiny_vae"), scaling_factor=SCALE)
 
 
 @pytest.fixture(scope="module")

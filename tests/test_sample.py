@@ -16,6 +16,7 @@ from PIL import Image
 from disploss.checkpoint import save_checkpoint
 from disploss.commands import main as cli
 from disploss.models import create_model
+from trainkit import save_tiny_vae
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "SiT-T/2"  # the smallest preset (depth 6, width 128)
@@ -69,21 +70,8 @@ def ckpts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory):
     """A random AutoencoderKL (downsampling factor 2, 4 latent channels) saved with save_pretrained."""
-    diffusers = pytest.importorskip("diffusers")
-    folder = tmp_path_factory.mktemp("tiny_vae")
-    torch.manual_seed(0)
-    diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=4,
-        sample_size=16,
-    ).save_pretrained(folder)
-    return folder
+    pytest.importorskip("diffusers")
+    return save_tiny_vae(tmp_path_factory.mktemp("tiny_vae"))
 
 
 def call(capsys, argv: list[str]) -> tuple[int, str, str]:

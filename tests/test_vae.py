@@ -4,28 +4,9 @@ import pytest
 import torch
 
 from disploss.data.vae import IdentityCodec, LatentCodec, load_vae
+from trainkit import save_tiny_vae
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def save_tiny_vae(folder, scaling_factor=None, latent_channels=4):
-    """A random 2-level AutoencoderKL (downsampling factor 2) saved with save_pretrained."""
-    torch.manual_seed(0)
-    kwargs = {} if scaling_factor is None else {"scaling_factor": scaling_factor}
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=latent_channels,
-        sample_size=16,
-        **kwargs,
-    )
-    vae.save_pretrained(folder)
-    return vae
 
 
 @pytest.fixture(scope="module")

@@ -100,14 +100,17 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-def save_tiny_vae(folder: Path) -> Path:
-    """A tiny random diffusers AutoencoderKL (downsampling factor 2, 4 latent channels) saved to `folder`."""
+def save_tiny_vae(folder: Path, scaling_factor: float | None = None, latent_channels: int = 4) -> Path:
+    """A tiny random diffusers AutoencoderKL (downsampling factor 2) saved to `folder` with save_pretrained;
+    diffusers' default scaling_factor (the SD value) unless one is given."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
+    kwargs = {} if scaling_factor is None else {"scaling_factor": scaling_factor}
     AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, latent_channels=4, sample_size=16,
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, latent_channels=latent_channels,
+        sample_size=16, **kwargs,
     ).save_pretrained(folder)  # fmt: skip
     return folder
 
