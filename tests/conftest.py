@@ -143,3 +143,42 @@ class GaussianTarget:
 def gaussian():
     """GaussianTarget(path_type, mean, std): closed-form fields of a Gaussian data distribution."""
     return GaussianTarget
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on 1 thread for a module (use with `pytestmark = pytest.mark.usefixtures("one_thread")`): tiny CPU work
+    on a machine shared with other jobs is 10-30x slower in an oversubscribed 2-thread pool."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ForwardCalls(list):
+    """The batch size of every SiT.forward call, in order; `times` holds each call's (t, r) (r None without it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.times: list[tuple[float, float | None]] = []
+
+    def clear(self):
+        super().clear()
+        self.times.clear()
+
+
+@pytest.fixture
+def sit_forward_calls(monkeypatch) -> ForwardCalls:
+    """Records every call of SiT.forward (the model calls a sampler makes) for the test's duration."""
+    from disploss.models import SiT
+
+    calls, forward = ForwardCalls(), SiT.forward
+
+    def counting(self, x, t, *args, **kwargs):
+        r = kwargs.get("r")
+        calls.append(len(x))
+        calls.times.append((float(t[0]), None if r is None else float(r[0])))
+        return forward(self, x, t, *args, **kwargs)
+
+    monkeypatch.setattr(SiT, "forward", counting)
+    return calls

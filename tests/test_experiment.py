@@ -20,13 +20,7 @@ from disploss.tools.digits import classifier as dc
 QUICK_CLASSIFIER = ex.QUICK["classifier"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny CPU work: on a machine shared with other jobs an oversubscribed 2-thread pool is 10-30x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

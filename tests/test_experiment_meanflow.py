@@ -10,17 +10,10 @@ import math
 import pytest
 import torch
 
-from disploss.models import SiT
 from disploss.tools import digits as ex
 from disploss.tools.digits.scoring import sample_checkpoint
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_meanflow_arms_and_their_train_configs(tmp_path):
@@ -57,17 +50,10 @@ def _checkpoint(tmp_path, meanflow: bool):
 
 
 @pytest.mark.parametrize("meanflow", [False, True])
-def test_each_sampler_makes_exactly_its_model_calls(tmp_path, monkeypatch, meanflow):
+def test_each_sampler_makes_exactly_its_model_calls(tmp_path, sit_forward_calls, meanflow):
     path = _checkpoint(tmp_path, meanflow)
     labels, noise = ex.sample_plan(40, 0, 8)
-    calls = []
-    forward = SiT.forward
-
-    def counting(self, x, *args, **kwargs):
-        calls.append(len(x))
-        return forward(self, x, *args, **kwargs)
-
-    monkeypatch.setattr(SiT, "forward", counting)
+    calls = sit_forward_calls
     for spec in ex.NFE_SWEEP["meanflow" if meanflow else "flow"]:
         calls.clear()
         images = sample_checkpoint(path, labels, noise, 11, 1.0, batch_size=40, spec=spec)

@@ -395,40 +395,26 @@ def mf_ckpts(tmp_path_factory):
 
 
 @pytest.mark.parametrize("steps", [1, 3])
-def test_sample_grid_makes_exactly_n_model_calls(capsys, tmp_path, mf_ckpts, monkeypatch, steps):
+def test_sample_grid_makes_exactly_n_model_calls(capsys, tmp_path, mf_ckpts, sit_forward_calls, steps):
     """`sample.py MeanFlow --num-sampling-steps N`: N calls of the model (one batch: an image per class), no
     guidance by default, and the grid is eps + sum of the steps of the checkpoint's EMA weights."""
     from disploss.sampling.grid import default_class_labels
 
-    calls = []
-    forward = SiT.forward
-
-    def counting(self, x, t, y, *args, **kwargs):
-        calls.append((len(x), float(t[0]), float(kwargs["r"][0])))
-        return forward(self, x, t, y, *args, **kwargs)
-
-    monkeypatch.setattr(SiT, "forward", counting)
+    calls = sit_forward_calls
     out = tmp_path / "grid.png"
     argv = ["sample", "MeanFlow", "--ckpt", str(mf_ckpts["meanflow"]), "--out", str(out)]
     rc, stdout, err = call(capsys, argv + (["--num-sampling-steps", str(steps)] if steps != 1 else []))
     assert rc == 0, err
     images = len(default_class_labels(mf_ckpts["ema"].num_classes))
-    assert [c[0] for c in calls] == [images] * steps  # undoubled: --cfg-scale defaults to 1 in MeanFlow mode
-    assert [c[1:] for c in calls] == [pytest.approx((k / steps, (k + 1) / steps)) for k in range(steps)]
+    assert calls == [images] * steps  # undoubled: --cfg-scale defaults to 1 in MeanFlow mode
+    assert calls.times == [pytest.approx((k / steps, (k + 1) / steps)) for k in range(steps)]
     assert out.is_file() and "MeanFlow uniform, cfg 1.0" in stdout and "objective=meanflow" in stdout
 
 
-def test_sample_ddp_meanflow_npz_and_calls_per_image(capsys, tmp_path, mf_ckpts, monkeypatch):
+def test_sample_ddp_meanflow_npz_and_calls_per_image(capsys, tmp_path, mf_ckpts, sit_forward_calls):
     """sample-ddp MeanFlow: the npz of N images, 2 model calls per batch with --num-sampling-steps 2, the images
     independent of the batch size, and a rerun that finds every image done samples nothing."""
-    calls = []
-    forward = SiT.forward
-
-    def counting(self, x, *args, **kwargs):
-        calls.append(len(x))
-        return forward(self, x, *args, **kwargs)
-
-    monkeypatch.setattr(SiT, "forward", counting)
+    calls = sit_forward_calls
     base = ["sample-ddp", "MeanFlow", "--ckpt", str(mf_ckpts["meanflow"]), "--num-fid-samples", "5",
             "--num-sampling-steps", "2", "--device", "cpu"]  # fmt: skip
     npzs = []
