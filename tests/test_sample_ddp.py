@@ -15,6 +15,7 @@ import torch
 
 from disploss.evaluation.npz import load_samples_npz
 from disploss.sampling import ddp as sample_ddp
+from disploss.sampling import folder as sample_folder
 from test_sample import call, random_sit, save_training_checkpoint
 
 N = 6
@@ -88,7 +89,7 @@ def test_folder_name(tmp_path):
         "guide_channels": 3,
         "pixel_conversion": "truncate",
     }
-    assert sample_ddp.folder_name(config) == (
+    assert sample_folder.folder_name(config) == (
         "SiT-XL-2-0400000-size-256-vae-ema-cfg-1.5-seed-0-SDE-250-Euler-sigma-Mean-0.04"
     )
     ode = {
@@ -99,19 +100,19 @@ def test_folder_name(tmp_path):
         "guide_channels": "all",
         "pixel_conversion": "round",
     }
-    assert sample_ddp.folder_name(ode) == (
+    assert sample_folder.folder_name(ode) == (
         "SiT-XL-2-0400000-size-256-vae-my-vae-cfg-1.5-seed-0-ODE-250-dopri5-guide-all-round"
     )
     # settings that change the images are in the name: the time grid of fixed steps, batch-coupled step control
     from disploss.sampling.config import SamplerConfig
 
     ab2 = SamplerConfig(ode_method="ab2", num_sampling_steps=11, time_schedule="power").settings()
-    assert sample_ddp.folder_name({**config, **ab2}) == (
+    assert sample_folder.folder_name({**config, **ab2}) == (
         "SiT-XL-2-0400000-size-256-vae-ema-cfg-1.5-seed-0-ODE-11-ab2-power1.5"
     )
     batch = SamplerConfig(step_control="batch").settings()
     assert batch["step_control"] == "batch" and "step_control" not in SamplerConfig(ode_method="euler").settings()
-    assert sample_ddp.folder_name({**config, **batch}).endswith("-ODE-250-dopri5-batchsteps")
+    assert sample_folder.folder_name({**config, **batch}).endswith("-ODE-250-dopri5-batchsteps")
 
 
 # ---- the npz --------------------------------------------------------------------------------------------
@@ -284,7 +285,7 @@ def test_temporary_files_of_a_killed_run_are_ignored_and_removed(capsys, tmp_pat
     assert run_ddp(capsys, ckpt, tmp_path, ODE, "--num-fid-samples", "2")[0] == 0
     folder, npz = outputs(tmp_path)
     (folder / "000001.png").rename(folder / ".000001.png.abc123.tmp")  # what an interrupted atomic write leaves
-    assert sample_ddp.missing_indices(folder, 2) == [1]
+    assert sample_folder.missing_indices(folder, 2) == [1]
     assert run_ddp(capsys, ckpt, tmp_path, ODE, "--num-fid-samples", "2")[0] == 0
     assert sorted(p.name for p in folder.iterdir()) == ["000000.png", "000001.png", "sample_config.json"]
 

@@ -5,15 +5,8 @@ one .npz in the input format of ADM's TensorFlow evaluator (key arr_0, uint8 (N,
 
 Runs under torchrun (NCCL on CUDA, gloo on CPU) or as one plain process.
 
-Where the files go (the reference's layout, with a name that holds every setting that changes the images and
-none that does not, such as the batch size or the number of processes):
-    {sample_dir}/{folder}/{index:06d}.png, {sample_dir}/{folder}/sample_config.json, {sample_dir}/{folder}.npz
-    folder = {model}-{ckpt stem}-size-{image_size}-vae-{vae}-cfg-{cfg}-seed-{global_seed}-{mode}-{steps}-{method}
-             [-{diffusion_form}-{last_step}-{last_step_size} for SDE][-power{rho} for --time-schedule power]
-             [-batchsteps for --step-control batch][-guide-{K|all} if not 3 and cfg > 1]
-             [-round for --pixel-conversion round]
-with '/' replaced by '-' (a --vae folder contributes its base name). sample_config.json records the resolved
-settings; a later run into the same folder with different settings stops with an error instead of mixing images.
+Where the files go: disploss.sampling.folder (a name that holds every setting that changes the images, one PNG per
+image, sample_config.json, the .npz next to the folder).
 
 Randomness: image i draws its initial noise, then its class label (uniform), then (SDE) its Brownian
 increments from its own CPU generator seeded by SeedSequence([global_seed, i]); the adaptive ODE methods (dopri5,
@@ -34,9 +27,6 @@ once: a launch that finds it written by another launch meanwhile leaves it as it
 
 from __future__ import annotations
 
-import json
-import re
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,15 +39,11 @@ from disploss.errors import ConfigError
 from disploss.options import at_least, check_options, option
 from disploss.runtime import PRECISIONS
 from disploss.sampling.claims import BLOCK_SIZE
-from disploss.sampling.config import REFERENCE_GUIDE_CHANNELS, GuidanceConfig, ModelSpec, SamplerConfig
+from disploss.sampling.config import GuidanceConfig, ModelSpec, SamplerConfig
+from disploss.sampling.folder import build_npz, folder_name, missing_indices, npz_image_count, prepare_folder
 
 DEFAULT_VAE = "ema"  # the reference's sample_ddp.py default (its sample.py uses mse)
-CONFIG_FILE = "sample_config.json"
 STREAM_VERSION = 1  # bump if the per-image draws change, so that old folders are not silently extended
-_PNG_NAME = re.compile(r"^(\d{6,})\.png$")
-# Settings recorded in sample_config.json that may change between runs of one folder (they do not change
-# which image an index gets, up to float rounding).
-_FREE_KEYS = ("ckpt", "per_proc_batch_size", "num_fid_samples", "world_size", "precision", "tf32")
 
 
 @dataclass(frozen=True)
@@ -139,13 +125,6 @@ def per_image_noise(generators: list[torch.Generator]):
 # The sample folder
 
 
-def _vae_label(spec: str) -> str:
-    path = Path(spec).expanduser()
-    if spec not in ("ema", "mse", "none") and path.is_dir():
-        return path.resolve().name
-    return spec.replace("/", "-")
-
-
 def sample_config(cfg: SampleDDPConfig, settings: dict, world_size: int, precision: str, tf32: bool) -> dict:
     """The resolved settings recorded in the sample folder (plain JSON)."""
     g = cfg.guidance
@@ -173,119 +152,6 @@ def sample_config(cfg: SampleDDPConfig, settings: dict, world_size: int, precisi
         "precision": precision,
         "tf32": tf32,
     }
-
-
-def folder_name(config: dict) -> str:
-    """The sample folder's name (see the module docstring); '/' never appears in it."""
-    parts = [
-        config["model"],
-        config["ckpt_name"],
-        "size",
-        config["image_size"],
-        "vae",
-        _vae_label(config["vae"]),
-        "cfg",
-        config["cfg_scale"],
-        "seed",
-        config["global_seed"],
-        config["mode"],
-        config["num_sampling_steps"],
-        config["sampling_method"],
-    ]
-    if config["mode"] == "SDE":
-        parts += [config["diffusion_form"], config["last_step"], config["last_step_size"]]
-    if config.get("time_schedule", "uniform") != "uniform":
-        parts.append(f"{config['time_schedule']}{config['time_rho']:g}")
-    if config.get("step_control") == "batch":
-        parts.append("batchsteps")
-    if config["guide_channels"] not in ("unused", REFERENCE_GUIDE_CHANNELS):
-        parts += ["guide", config["guide_channels"]]
-    if config["pixel_conversion"] != "truncate":
-        parts.append(config["pixel_conversion"])
-    return "-".join(str(p) for p in parts).replace("/", "-")
-
-
-def existing_indices(folder: Path) -> set[int]:
-    """Indices of the complete PNGs `{index:06d}.png` in `folder` (temporary files are not counted)."""
-    if not folder.is_dir():
-        return set()
-    return {int(m.group(1)) for entry in folder.iterdir() if (m := _PNG_NAME.match(entry.name))}
-
-
-def missing_indices(folder: Path, num: int) -> list[int]:
-    """Indices in [0, num) without a PNG, in increasing order."""
-    present = existing_indices(folder)
-    return [i for i in range(num) if i not in present]
-
-
-def _check_config(folder: Path, config: dict) -> None:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        return
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path} is unreadable ({err}); remove it if the images in {folder} are yours") from err
-    keys = sorted((set(old) | set(config)) - set(_FREE_KEYS))
-    differ = [f"{k}: {old.get(k)!r} there, {config.get(k)!r} now" for k in keys if old.get(k) != config.get(k)]
-    if differ:
-        raise ConfigError(
-            f"{folder} holds samples made with other settings ({'; '.join(differ)}); use another --sample-dir "
-            f"or remove that folder"
-        )
-
-
-def prepare_folder(folder: Path, npz_path: Path, config: dict) -> list[int]:
-    """Rank 0, before sampling: create the folder, check / write sample_config.json and remove a stale .npz;
-    return the missing indices. (The temporary files of a killed run are removed by whoever claims their block:
-    another launch may be writing its own right now.)"""
-    from disploss.fileio import atomic_write_json
-
-    folder.mkdir(parents=True, exist_ok=True)
-    _check_config(folder, config)
-    if existing_indices(folder) and not (folder / CONFIG_FILE).is_file():
-        print(
-            f"warning: {folder} holds PNGs but no {CONFIG_FILE}; assuming they were made with these settings",
-            file=sys.stderr,
-        )
-    atomic_write_json(folder / CONFIG_FILE, config)
-    missing = missing_indices(folder, config["num_fid_samples"])
-    if missing and npz_path.exists():
-        npz_path.unlink()  # it no longer describes a complete folder: it would be rebuilt anyway
-        print(f"removed the stale {npz_path} ({len(missing)} images are missing)")
-    return missing
-
-
-def build_npz(folder: Path, num: int, npz_path: Path, image_size: int) -> tuple[int, ...]:
-    """Stack PNGs 0 .. num-1 into `npz_path` (arr_0, uint8 (num, H, W, 3)), atomically.
-
-    Raises:
-        ValueError: a PNG is missing, unreadable or of another shape (its path is named).
-    """
-    from PIL import Image
-    from tqdm import tqdm
-
-    from disploss.evaluation.npz import save_samples_npz
-
-    images = np.empty((num, image_size, image_size, 3), dtype=np.uint8)
-    for i in tqdm(range(num), desc="building .npz", unit="img"):
-        path = folder / f"{i:06d}.png"
-        try:
-            with Image.open(path) as img:
-                array = np.asarray(img)
-        except (OSError, ValueError, SyntaxError) as err:
-            raise ConfigError(f"cannot read {path} ({err}); delete it and rerun to sample it again") from err
-        if array.shape != images.shape[1:] or array.dtype != np.uint8:
-            raise ConfigError(
-                f"{path} is {array.dtype} {array.shape}, expected uint8 {images.shape[1:]}; delete it "
-                f"and rerun to sample it again"
-            )
-        images[i] = array
-    save_samples_npz(npz_path, images)
-    return images.shape
-
-
-#
 
 
 def sample_to_npz(cfg: SampleDDPConfig, info, log: Callable[[str], None] = print) -> Path | None:
@@ -439,22 +305,6 @@ def _claimed_todo(folder: Path, block: int, num: int) -> list[int]:
     return [i for i in indices if not (folder / f"{i:06d}.png").exists()]
 
 
-def _npz_images(path: Path) -> int | None:
-    # Number of images of an .npz's arr_0, from the array header only (no image is read).
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            )
-            shape = read_header(f)[0]
-            return int(shape[0]) if shape else None
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
-
-
 def _write_npz_once(
     folder: Path, num: int, npz_path: Path, image_size: int, claims, started: float, log: Callable[[str], None]
 ) -> Path:
@@ -463,7 +313,7 @@ def _write_npz_once(
     while not claims.take("npz"):
         time.sleep(POLL_S)
     try:
-        if npz_path.exists() and npz_path.stat().st_mtime >= started and _npz_images(npz_path) == num:
+        if npz_path.exists() and npz_path.stat().st_mtime >= started and npz_image_count(npz_path) == num:
             log(f"{npz_path} was written by another launch on this folder meanwhile [{num} images]")
             return npz_path
         still_missing = missing_indices(folder, num)
