@@ -129,6 +129,30 @@ def test_loss_plot_shows_the_diagnostics_under_the_losses(tmp_path, monkeypatch)
     assert list(rms.get_lines()[0].get_ydata()) == [2.0, 3.0, 4.0]
     assert any(title.startswith("pairs the InfoNCE terms still pull apart") for title in titles)
     assert not any(title.startswith("effective rank") for title in titles)  # no such key logged: no panel
+    assert not any(title.startswith("median pairwise distance") for title in titles)
+
+
+def test_loss_plot_shows_the_pairwise_distance_against_tau(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from disploss.training.plots import plot_run
+
+    run, rows = _fake_run(tmp_path, disp=True)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "disp_variant": "infonce_l2", "disp_tau": 16.0}))
+    for k, row in enumerate(rows):
+        row.update({"diag/blocks.0/median_d": 2.0 * 10**k, "diag/blocks.1/median_d": 4.0 * 10**k})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert plot_run(run).is_file()
+    (ax,) = [ax for ax in figures[0].axes if ax.get_title().startswith("median pairwise distance")]
+    curve, tau = ax.get_lines()
+    assert list(curve.get_ydata()) == [3.0, 30.0, 300.0] and list(tau.get_ydata()) == [16.0, 16.0]
+    assert ax.get_yscale() == "log" and "tau = 16" in ax.get_legend().get_texts()[0].get_text()
 
 
 def test_demo_trains_on_one_thread_by_default_and_restores_threads(tmp_path, monkeypatch, capsys):

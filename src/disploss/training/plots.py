@@ -12,6 +12,9 @@ _DIAGNOSTICS = (
     ("offdiag_weight", "off-diagonal share of exp(-d/tau)", "0 at the floor -log B"),
     ("effective_rank", "effective rank of the batch", "directions spanned"),
 )
+# Beside the losses: the distance InfoNCE-L2 divides by tau; with d / tau above ~4.6 for every pair, exp(-d/tau)
+# vanishes and the term sits at its floor.
+_DISTANCE = ("median_d", "median pairwise distance d = |z_i - z_j|^2 / M", "d (log scale)")
 
 
 def _mean_over_blocks(row: dict, stat: str) -> float | None:
@@ -41,7 +44,9 @@ def plot_run(run_dir: str | Path) -> Path | None:
     lam = config.get("disp_weight", 0.0) if config.get("disp") else 0.0
     variant = config.get("disp_variant", "dispersive")
     diagnostics = [d for d in _DIAGNOSTICS if any(_mean_over_blocks(r, d[0]) is not None for r in rows)]
-    fig, axes = plt.subplots(2 if diagnostics else 1, 4 if diagnostics else 3, figsize=(15, 6.4 if diagnostics else 3.4),
+    distances = [(s, d) for s, r in zip(steps, rows) if (d := _mean_over_blocks(r, _DISTANCE[0])) is not None]
+    grid = diagnostics or distances
+    fig, axes = plt.subplots(2 if grid else 1, 4 if grid else 3, figsize=(15, 6.4 if grid else 3.4),
                              squeeze=False)  # fmt: skip
     panels = [
         ("flow", "flow-matching loss", "mean squared error of the velocity", "C0"),
@@ -52,9 +57,12 @@ def plot_run(run_dir: str | Path) -> Path | None:
         ax.plot(steps, [r[key] for r in rows], color=color)
         ax.set_xlabel("training step"), ax.set_ylabel(ylabel), ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    if diagnostics:
-        axes[0][3].axis("off")
-        watched = "regularised" if config.get("disp") else "watched (not regularised)"
+    watched = "regularised" if config.get("disp") else "watched (not regularised)"
+    if grid:
+        tau = config.get("disp_tau") if config.get("disp") and variant == "infonce_l2" else None
+        _plot_distance(axes[0][3], distances, watched, tau)
+        for ax in axes[1][len(diagnostics) :]:
+            ax.axis("off")
         for ax, (stat, title, ylabel) in zip(axes[1], diagnostics):
             values = [_mean_over_blocks(r, stat) for r in rows]
             ax.plot(
@@ -70,3 +78,20 @@ def plot_run(run_dir: str | Path) -> Path | None:
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return out
+
+
+def _plot_distance(ax, distances: list[tuple[int, float]], watched: str, tau: float | None) -> None:
+    """The median pairwise distance of the blocks against the step; InfoNCE-L2's tau as a dashed line."""
+    if not distances:
+        ax.axis("off")
+        return
+    stat, title, ylabel = _DISTANCE
+    ax.plot([s for s, _ in distances], [d for _, d in distances], color="C3")
+    if tau is not None:
+        ax.axhline(tau, color="gray", linestyle="--", linewidth=1, label=f"tau = {tau:g}")
+        ax.legend(fontsize=8)
+    if all(d > 0 for _, d in distances):
+        ax.set_yscale("log")
+    ax.set_xlabel("training step"), ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(f"{title}\n({watched} blocks, mean)", fontsize=9)
+    ax.grid(alpha=0.3)
