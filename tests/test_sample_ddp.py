@@ -4,9 +4,6 @@ resuming without duplicates, the folder name and the settings guard."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ from disploss.evaluation.npz import load_samples_npz
 from disploss.sampling import ddp as sample_ddp
 from disploss.sampling import folder as sample_folder
 from test_sample import call, random_sit, save_training_checkpoint
+from trainkit import run_python, torchrun
 
 N = 6
 BASE = ["--num-sampling-steps", "4", "--num-fid-samples", str(N), "--device", "cpu"]
@@ -148,28 +146,11 @@ def test_batch_size_does_not_change_the_samples(capsys, tmp_path, ckpt):
 
 
 def test_two_processes_give_the_same_npz_as_one(tmp_path, ckpt):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    argv = ["sample-ddp", *SDE, "--ckpt", str(ckpt), "--per-proc-batch-size", "1"]
-    one = [sys.executable, "-m", "disploss", *argv, "--sample-dir", str(tmp_path / "one")]
-    two = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "disploss",
-        *argv,
-        "--sample-dir",
-        str(tmp_path / "two"),
-    ]
-    for cmd in (one, two):
-        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    argv = ["-m", "disploss", "sample-ddp", *SDE, "--ckpt", ckpt, "--per-proc-batch-size", "1"]
+    for done in (
+        run_python([*argv, "--sample-dir", tmp_path / "one"], tmp_path),
+        torchrun(2, [*argv, "--sample-dir", tmp_path / "two"], tmp_path, timeout=180),
+    ):
         assert done.returncode == 0, done.stdout + done.stderr
     assert "sampling 6 on 2 process(es)" in done.stdout
     (f1, npz1), (f2, npz2) = outputs(tmp_path / "one"), outputs(tmp_path / "two")
@@ -177,16 +158,6 @@ def test_two_processes_give_the_same_npz_as_one(tmp_path, ckpt):
     np.testing.assert_array_equal(load_samples_npz(npz1), load_samples_npz(npz2))
     assert pngs(f2) == [f"{i:06d}.png" for i in range(N)]
     assert not [p for p in f2.iterdir() if p.name.endswith(".tmp")]
-
-
-def _torchrun_env() -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    return env
 
 
 @pytest.mark.parametrize("extra", [[], ["--cfg-scale", "2.0"]], ids=["cfg1", "cfg2"])
@@ -197,24 +168,8 @@ def test_default_adaptive_sampler_is_independent_of_processes_and_batch_size(cap
     argv = ["ODE", *BASE, *extra]
     for name, bs in (("bs1", "1"), ("bs5", "5")):
         assert run_ddp(capsys, ckpt, tmp_path / name, argv, "--per-proc-batch-size", bs)[0] == 0
-    two = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "disploss",
-        "sample-ddp",
-        *argv,
-        "--ckpt",
-        str(ckpt),
-        "--per-proc-batch-size",
-        "2",
-        "--sample-dir",
-        str(tmp_path / "two"),
-    ]
-    done = subprocess.run(two, cwd=tmp_path, env=_torchrun_env(), capture_output=True, text=True, timeout=180)
+    two = ["-m", "disploss", "sample-ddp", *argv, "--ckpt", ckpt, "--per-proc-batch-size", "2"]
+    done = torchrun(2, [*two, "--sample-dir", tmp_path / "two"], tmp_path, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "sampling 6 on 2 process(es), 2 per batch" in done.stdout
     folders, arrays = zip(*(outputs(tmp_path / name) for name in ("bs1", "bs5", "two")))
