@@ -39,16 +39,21 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 def run_command(command: str, argv: list[str]) -> int:
     """Parse `argv` for `command` (unknown flags are an error) and run it.
 
-    A process launched by torchrun that fails leaves at once (os._exit, after flushing): at interpreter shutdown the
-    C++ threads of a process group torch still holds can abort the process ("terminate called without an active
-    exception", seen in about one failing launch in five) after the one-line error was printed.
+    A process launched by torchrun leaves at once when the command returns (os._exit with its status, after flushing
+    the standard streams and closing the log handlers; the commands close their own files, wandb run and process
+    group): at interpreter shutdown C++ threads that torch still holds can abort the process ("terminate called
+    without an active exception"), seen in about one failing launch in five, and in a successful 2-process
+    extract-latents on a loaded machine, after all of its work was written.
     """
     module = importlib.import_module(COMMANDS[command][0])
     args = build_parser(command).parse_args(argv)
     status = int(module.run(args) or 0)
-    if status and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import logging
+
         sys.stdout.flush()
         sys.stderr.flush()
+        logging.shutdown()
         os._exit(status)
     return status
 
