@@ -2,7 +2,7 @@
 
 import sys
 
-from disploss.commands.main import run_command
+from disploss.commands.main import leave, run_command
 
 if __name__ == "__main__":
-    sys.exit(run_command("sample", sys.argv[1:]))
+    sys.exit(leave(run_command("sample", sys.argv[1:])))

@@ -1,5 +1,5 @@
 import sys
 
-from disploss.commands.main import main
+from disploss.commands.main import leave, main
 
-sys.exit(main())
+sys.exit(leave(main()))

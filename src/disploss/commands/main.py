@@ -39,15 +39,22 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 def run_command(command: str, argv: list[str]) -> int:
     """Parse `argv` for `command` (unknown flags are an error) and run it.
 
-    A process launched by torchrun leaves at once when the command returns (os._exit with its status, after flushing
-    the standard streams and closing the log handlers; the commands close their own files, wandb run and process
-    group): at interpreter shutdown C++ threads that torch still holds can abort the process ("terminate called
-    without an active exception"), seen in about one failing launch in five, and in a successful 2-process
-    extract-latents on a loaded machine, after all of its work was written.
+    A process launched by torchrun that fails leaves at once (`leave`): at interpreter shutdown the C++ threads of a
+    process group torch still holds can abort the process ("terminate called without an active exception", seen in
+    about one failing launch in five) after the one-line error was printed.
     """
     module = importlib.import_module(COMMANDS[command][0])
     args = build_parser(command).parse_args(argv)
     status = int(module.run(args) or 0)
+    return leave(status) if status else status
+
+
+def leave(status: int) -> int:
+    """End the process with `status`. Under torchrun (WORLD_SIZE > 1) at once, with os._exit after flushing the
+    standard streams and closing the log handlers (the commands close their own files, wandb run and process group),
+    so that no C++ thread aborts it at interpreter shutdown: seen on failing launches, and once on a successful
+    2-process extract-latents on a loaded machine, after all of its work was written. Otherwise returns `status`
+    for sys.exit. The entry points (`python -m disploss`, train.py, sample.py, sample_ddp.py) end with it."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import logging
 
@@ -73,4 +80,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(leave(main()))
