@@ -182,3 +182,12 @@ def sit_forward_calls(monkeypatch) -> ForwardCalls:
 
     monkeypatch.setattr(SiT, "forward", counting)
     return calls
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """An image folder per test module (trainkit.make_image_folder): 3 classes x 8 images, so at batch 8 an epoch is
+    3 steps (4 steps cross an epoch, step 2 is mid-epoch)."""
+    from trainkit import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("images"))

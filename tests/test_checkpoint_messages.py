@@ -13,7 +13,7 @@ import torch
 
 from disploss.checkpoint import UnsafeCheckpointError, load_checkpoint
 from disploss.commands.main import main
-from trainkit import error_line, load, make_image_folder, only_run, tiny_flags, train_cli
+from trainkit import error_line, load, only_run, tiny_flags, train_cli
 
 
 class Payload:
@@ -50,11 +50,6 @@ def test_refusal_names_the_refused_global(tmp_path, capsys, how):
     assert main(["convert-checkpoint", str(path), str(tmp_path / "new.pt")]) == 2
     err = capsys.readouterr().err
     assert f"refused global: {expected}" in err and "Weights only load failed" not in err
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"))
 
 
 def _poison(state: dict, key: str) -> None:

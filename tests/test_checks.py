@@ -12,12 +12,7 @@ import pytest
 import torch
 
 from disploss.checkpoint import CorruptCheckpointError, NonFiniteCheckpointError, load_checkpoint, save_checkpoint
-from trainkit import error_line, load, make_image_folder, only_run, run_dirs, tiny_flags, train_cli
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"))
+from trainkit import error_line, load, only_run, run_dirs, tiny_flags, train_cli
 
 
 @pytest.fixture(scope="module")

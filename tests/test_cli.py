@@ -17,7 +17,7 @@ from disploss.commands.main import main as cli_main
 from disploss.errors import ConfigError, HubUnavailableError
 from disploss.models import create_model
 from disploss.training import NonFiniteError
-from trainkit import SHIM, error_line, make_image_folder, run_python, save_tiny_vae, tiny_flags, train_cli
+from trainkit import SHIM, error_line, run_python, save_tiny_vae, tiny_flags, train_cli
 
 REFERENCE_FLAGS = [
     "--data-path", "d", "--results-dir", "r", "--model", "SiT-B/2", "--image-size", "512", "--num-classes", "10",
@@ -26,11 +26,6 @@ REFERENCE_FLAGS = [
     "--disp", "--path-type", "GVP", "--prediction", "noise", "--loss-weight", "likelihood", "--sample-eps", "0.01",
     "--train-eps", "0.02",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"))
 
 
 def test_every_reference_flag_parses():

@@ -18,12 +18,7 @@ from disploss.checkpoint import load_checkpoint, save_checkpoint
 from disploss.models import create_model
 from disploss.training import rundir
 from disploss.training.retention import checkpoints_to_remove
-from trainkit import error_line, make_image_folder, only_run, tiny_flags, torchrun, train_cli
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"))
+from trainkit import error_line, only_run, tiny_flags, torchrun, train_cli
 
 
 def names(run) -> list[str]:

@@ -10,14 +10,9 @@ import pytest
 import torch
 
 from disploss.meanflow import MeanFlowSettings
-from trainkit import SHIM, error_line, load, make_image_folder, max_abs_diff, only_run, tiny_flags, torchrun, train_cli
+from trainkit import SHIM, error_line, load, max_abs_diff, only_run, tiny_flags, torchrun, train_cli
 
 MF = dict(objective="meanflow", meanflow_ratio=0.5)  # half the batch takes the JVP (8 px images, batch 8)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"))
 
 
 def test_meanflow_run_end_to_end(images, tmp_path, capsys):

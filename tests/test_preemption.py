@@ -20,7 +20,6 @@ from trainkit import (
     SHIM,
     env,
     load,
-    make_image_folder,
     max_abs_diff,
     only_run,
     run_dirs,
@@ -32,11 +31,6 @@ from trainkit import (
 STEPS = 40  # long enough that a signal sent after the second log line arrives mid-run
 COMMON = dict(steps=STEPS, disp=True, ckpt_every=1000, ckpt="latest")  # the only checkpoints: the stop and the end
 DDP_STEPS = 24
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,7 @@ from huggingface_hub import constants
 
 import disploss.data.vae as vae_module
 from disploss.errors import HubUnavailableError
-from trainkit import SHIM, error_line, make_image_folder, run_dirs, save_tiny_vae, tiny_flags, torchrun, train_cli
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"))  # 24 images
+from trainkit import SHIM, error_line, run_dirs, save_tiny_vae, tiny_flags, torchrun, train_cli
 
 
 @pytest.fixture

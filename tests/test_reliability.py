@@ -39,11 +39,6 @@ from trainkit import (
 )
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"))
-
-
 def checkpoint_names(run) -> list[str]:
     return sorted(p.name for p in (run / "checkpoints").iterdir())
 

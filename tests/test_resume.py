@@ -9,15 +9,9 @@ import textwrap
 
 import pytest
 
-from trainkit import SHIM, load, make_image_folder, max_abs_diff, only_run, tiny_flags, torchrun, train_cli
+from trainkit import SHIM, load, max_abs_diff, only_run, tiny_flags, torchrun, train_cli
 
 TOL = 1e-5  # the issue's bound; the runs are in fact bit-identical
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    """3 classes x 8 images: 3 steps per epoch at batch 8, so 4 steps cross an epoch and step 2 is mid-epoch."""
-    return make_image_folder(tmp_path_factory.mktemp("images"))
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

@@ -16,12 +16,7 @@ import time
 import pytest
 
 from disploss.training.config import EXPERIMENT_FIELDS, TrainConfig, experiment_differences
-from trainkit import SHIM, env, load, make_image_folder, max_abs_diff, only_run, run_dirs, tiny_flags, train_cli
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"))
+from trainkit import SHIM, env, load, max_abs_diff, only_run, run_dirs, tiny_flags, train_cli
 
 
 def names(folder) -> list[str]:

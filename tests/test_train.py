@@ -22,11 +22,6 @@ from trainkit import SHIM, load, make_image_folder, only_run, run_python, save_t
 METRIC_KEYS = ("loss", "flow", "disp", "steps_per_sec", "images_per_sec", "lr", "grad_norm", "peak_mem_gb")
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"))
-
-
 def metrics_of(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
