@@ -44,8 +44,8 @@ def plot_run(run_dir: str | Path) -> Path | None:
     lam = config.get("disp_weight", 0.0) if config.get("disp") else 0.0
     variant = config.get("disp_variant", "dispersive")
     diagnostics = [d for d in _DIAGNOSTICS if any(_mean_over_blocks(r, d[0]) is not None for r in rows)]
-    distances = [(s, d) for s, r in zip(steps, rows) if (d := _mean_over_blocks(r, _DISTANCE[0])) is not None]
-    grid = diagnostics or distances
+    distance = any(_mean_over_blocks(r, _DISTANCE[0]) is not None for r in rows)
+    grid = diagnostics or distance
     fig, axes = plt.subplots(2 if grid else 1, 4 if grid else 3, figsize=(15, 6.4 if grid else 3.4),
                              squeeze=False)  # fmt: skip
     panels = [
@@ -59,18 +59,15 @@ def plot_run(run_dir: str | Path) -> Path | None:
         ax.grid(alpha=0.3)
     watched = "regularised" if config.get("disp") else "watched (not regularised)"
     if grid:
-        tau = config.get("disp_tau") if config.get("disp") and variant == "infonce_l2" else None
-        _plot_distance(axes[0][3], distances, watched, tau)
+        for ax, spec in zip(axes[1], diagnostics):
+            _plot_stat(ax, steps, rows, spec, watched)
         for ax in axes[1][len(diagnostics) :]:
             ax.axis("off")
-        for ax, (stat, title, ylabel) in zip(axes[1], diagnostics):
-            values = [_mean_over_blocks(r, stat) for r in rows]
-            ax.plot(
-                [s for s, v in zip(steps, values) if v is not None], [v for v in values if v is not None], color="C3"
-            )
-            ax.set_xlabel("training step"), ax.set_ylabel(ylabel, fontsize=8)
-            ax.set_title(f"{title}\n({watched} blocks, mean)", fontsize=9)
-            ax.grid(alpha=0.3)
+        if distance:
+            tau = config.get("disp_tau") if config.get("disp") and variant == "infonce_l2" else None
+            _plot_distance(axes[0][3], steps, rows, watched, tau)
+        else:
+            axes[0][3].axis("off")
     fig.suptitle(f"{run_dir.name}: each point is one logging interval (losses) or its last step (diagnostics)",
                  fontsize=10)  # fmt: skip
     fig.tight_layout()
@@ -80,18 +77,23 @@ def plot_run(run_dir: str | Path) -> Path | None:
     return out
 
 
-def _plot_distance(ax, distances: list[tuple[int, float]], watched: str, tau: float | None) -> None:
-    """The median pairwise distance of the blocks against the step; InfoNCE-L2's tau as a dashed line."""
-    if not distances:
-        ax.axis("off")
-        return
-    stat, title, ylabel = _DISTANCE
-    ax.plot([s for s, _ in distances], [d for _, d in distances], color="C3")
-    if tau is not None:
-        ax.axhline(tau, color="gray", linestyle="--", linewidth=1, label=f"tau = {tau:g}")
-        ax.legend(fontsize=8)
-    if all(d > 0 for _, d in distances):
-        ax.set_yscale("log")
+def _plot_stat(ax, steps: list[int], rows: list[dict], spec: tuple[str, str, str], watched: str) -> list[float]:
+    """One diagnostic (its mean over the blocks) against the step, where it was logged; returns the values drawn."""
+    stat, title, ylabel = spec
+    points = [(s, v) for s, r in zip(steps, rows) if (v := _mean_over_blocks(r, stat)) is not None]
+    values = [v for _, v in points]
+    ax.plot([s for s, _ in points], values, color="C3")
     ax.set_xlabel("training step"), ax.set_ylabel(ylabel, fontsize=8)
     ax.set_title(f"{title}\n({watched} blocks, mean)", fontsize=9)
     ax.grid(alpha=0.3)
+    return values
+
+
+def _plot_distance(ax, steps: list[int], rows: list[dict], watched: str, tau: float | None) -> None:
+    """The median pairwise distance against the step, on a log scale when positive; InfoNCE-L2's tau dashed."""
+    values = _plot_stat(ax, steps, rows, _DISTANCE, watched)
+    if tau is not None:
+        ax.axhline(tau, color="gray", linestyle="--", linewidth=1, label=f"tau = {tau:g}")
+        ax.legend(fontsize=8)
+    if all(v > 0 for v in values):
+        ax.set_yscale("log")
