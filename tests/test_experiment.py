@@ -13,6 +13,7 @@ import torch
 from disploss.commands.experiment import digits_config
 from disploss.commands.main import build_parser
 from disploss.dispersive import VARIANTS
+from disploss.errors import ConfigError
 from disploss.evaluation.metrics import compute_statistics, frechet_distance
 from disploss.tools import digits as ex
 from disploss.tools.digits import classifier as dc
@@ -317,6 +318,8 @@ def test_arm_specs_parse_and_name_their_recipe():
     assert ex.DISPERSIVE.spec() == ex.Arm.from_spec("infonce_l2").spec() == "infonce_l2"
     with pytest.raises(ValueError, match="'beta=2' is not one of lam=..., tau=..., blocks=..., margin=..."):
         ex.Arm.from_spec("infonce_l2+beta=2")
+    with pytest.raises(ConfigError, match="arm 'infonce_l2\\+lam=abc': lam='abc' is not a number"):
+        ex.Arm.from_spec("infonce_l2+lam=abc")  # a user mistake (one line), not float()'s bare ValueError
     with pytest.raises(ValueError, match="valid choices"):
         ex.Arm.from_spec("infonce_l3")
 

@@ -135,7 +135,10 @@ class Arm:
             if key not in _SPEC_KEYS or not value:
                 raise ConfigError(f"arm {spec!r}: {item!r} is not one of {', '.join(k + '=...' for k in _SPEC_KEYS)}")
             field = _SPEC_KEYS[key]
-            values[field] = value.replace("/", ",") if field == "blocks" else float(value)
+            try:
+                values[field] = value.replace("/", ",") if field == "blocks" else float(value)
+            except ValueError:
+                raise ConfigError(f"arm {spec!r}: {key}={value!r} is not a number") from None
         arm = cls(name="", disp=True, variant=variant, **values)
         return dataclasses.replace(arm, name=arm.spec())
 
