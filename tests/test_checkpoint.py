@@ -220,7 +220,7 @@ def test_find_latest_full_check(tmp_path):
 
 
 def test_find_latest_run(tmp_path):
-    from disploss.training.rundir import create_experiment_dir
+    from disploss.training.run.folder import create_experiment_dir
 
     assert ckpt.find_latest_run(tmp_path / "nothing", "SiT-XL/2") is None
     a = create_experiment_dir(tmp_path, "SiT-XL/2", "Linear", "velocity", None)

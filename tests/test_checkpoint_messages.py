@@ -85,9 +85,9 @@ def test_nan_weights_are_named_not_blamed_on_the_learning_rate(images, tmp_path,
 def test_a_run_that_diverges_still_suggests_the_learning_rate(images, tmp_path, capsys, monkeypatch):
     """The learning-rate advice stays for a run whose checkpoint was fine (tests/test_reliability.py injects
     the NaN the same way)."""
-    from disploss.transport.transport import Transport
+    from disploss.training.objective import Objective
 
-    real = Transport.training_losses
+    real = Objective.__call__
 
     def losses(self, *args, **kwargs):
         out = dict(real(self, *args, **kwargs))
@@ -95,6 +95,6 @@ def test_a_run_that_diverges_still_suggests_the_learning_rate(images, tmp_path, 
         out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(Transport, "training_losses", losses)
+    monkeypatch.setattr(Objective, "__call__", losses)
     assert train_cli(tiny_flags(images, tmp_path, steps=1)) == 1
     assert "Lower --lr" in error_line(capsys)

@@ -16,8 +16,8 @@ import torch
 from disploss import fileio
 from disploss.checkpoint import load_checkpoint, save_checkpoint
 from disploss.models import create_model
-from disploss.training import rundir
-from disploss.training.retention import checkpoints_to_remove
+from disploss.training.run import folder as run_folder
+from disploss.training.run.checkpoints import checkpoints_to_remove
 from trainkit import error_line, only_run, tiny_flags, torchrun, train_cli
 
 
@@ -47,14 +47,14 @@ def test_space_check_uses_the_real_checkpoint_size(images, tmp_path, monkeypatch
     ckpt = only_run(tmp_path) / "checkpoints" / "0000001.pt"
     size = ckpt.stat().st_size
     model = create_model("SiT-T/2", input_size=8, in_channels=3, num_classes=3)
-    estimate = rundir.checkpoint_size_bytes(model)
+    estimate = run_folder.checkpoint_size_bytes(model)
     assert size <= estimate <= 1.02 * size + (64 << 10)  # a fresh run's estimate: the model and the AdamW state
 
     real = shutil.disk_usage
-    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: real(p)._replace(free=2 * size - 1))
+    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda p: real(p)._replace(free=2 * size - 1))
     assert train_cli(tiny_flags(images, tmp_path, steps=2, ckpt="latest")) == 2  # resuming: that file's size
     assert f"{2 * size} bytes needed" in error_line(capsys)
-    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: real(p)._replace(free=2 * size))
+    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda p: real(p)._replace(free=2 * size))
     assert train_cli(tiny_flags(images, tmp_path, steps=2, ckpt="latest")) == 0
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from disploss.dispersive import dispersive_loss
 from disploss.regularizer import DispersiveRegularizer
 from disploss.training.ema import EMA
+from disploss.training.objective import Objective
 from disploss.transport import Sampler, create_transport
 from disploss.transport.transport import mean_flat
 
@@ -47,13 +48,14 @@ def test_bf16_autocast_losses_match_fp32_and_reduce_in_fp32(tiny_sit_factory, se
     model = tiny_sit_factory(seed, class_dropout_prob=0.0).train()
     transport = create_transport()
     x, y, t, noise = _batch(seed)
-    kw = dict(t=t, noise=noise, regularizer=DispersiveRegularizer(model, layers="blocks.1", weight=0.25))
-    plain = transport.training_losses(model, x, dict(y=y), **kw)
+    kw = dict(t=t, noise=noise)
+    objective = Objective(transport, DispersiveRegularizer(model, layers="blocks.1", weight=0.25))
+    plain = objective(model, x, y, **kw)
     plain["loss"].mean().backward()
     g32 = _grads(model)
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = transport.training_losses(model, x, dict(y=y), **kw)
+        fast = objective(model, x, y, **kw)
         with torch.no_grad():
             _, acts = model(transport.path.plan(t, noise, x)[1], t, y, return_act=True)
     fast["loss"].mean().backward()
@@ -97,7 +99,7 @@ def test_compile_wrapping_gives_the_same_losses_and_grads(tiny_sit_factory, back
         model = tiny_sit_factory(3, class_dropout_prob=0.0).train()
         reg = DispersiveRegularizer(model, layers="blocks.1", weight=0.25)  # hooks first, then compile
         net = torch.compile(model, backend=backend) if compiled else model
-        terms = transport.training_losses(net, x, dict(y=y), regularizer=reg, t=t, noise=noise)
+        terms = Objective(transport, reg)(net, x, y, t=t, noise=noise)
         terms["loss"].mean().backward()
         results.append((terms, _grads(model)))
     (plain, g0), (fast, g1) = results
@@ -226,7 +228,7 @@ def test_grad_checkpointing_training_losses_match(tiny_sit_factory, disp_block):
         model = tiny_sit_factory(9, class_dropout_prob=0.0).train()
         model.grad_checkpointing = ckpt
         reg = DispersiveRegularizer(model, layers=f"blocks.{disp_block % len(model.blocks)}", weight=0.5)
-        terms = transport.training_losses(model, x, dict(y=y), regularizer=reg, t=t, noise=noise)
+        terms = Objective(transport, reg)(model, x, y, t=t, noise=noise)
         terms["loss"].mean().backward()
         results.append((terms["loss"].detach(), _grads(model)))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)

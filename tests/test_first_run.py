@@ -68,7 +68,7 @@ def test_log_lines_show_progress_and_eta_and_the_grid_is_announced(tmp_path, cap
 
 
 def test_runlogger_eta(tmp_path):
-    from disploss.training.runlog import RunLogger
+    from disploss.training.run.log import RunLogger
 
     with RunLogger(tmp_path, enabled=True, console=False) as log:
         log.log_metrics(100, loss=0.25)  # without a total: the old form
@@ -94,7 +94,7 @@ def test_loss_plot_has_a_panel_per_term_with_labelled_axes(tmp_path, monkeypatch
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from disploss.training.plots import plot_run
+    from disploss.training.run.plots import plot_run
 
     run, rows = _fake_run(tmp_path, disp=True)
     figures = []
@@ -115,7 +115,7 @@ def test_loss_plot_shows_the_diagnostics_under_the_losses(tmp_path, monkeypatch)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from disploss.training.plots import plot_run
+    from disploss.training.run.plots import plot_run
 
     run, rows = _fake_run(tmp_path, disp=True)
     for k, row in enumerate(rows):  # two regularised blocks: the plot draws their mean
@@ -138,7 +138,7 @@ def test_loss_plot_shows_the_pairwise_distance_against_tau(tmp_path, monkeypatch
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from disploss.training.plots import plot_run
+    from disploss.training.run.plots import plot_run
 
     run, rows = _fake_run(tmp_path, disp=True)
     config = json.loads((run / "config.json").read_text())

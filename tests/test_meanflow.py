@@ -236,7 +236,7 @@ def test_r_equal_t_is_flow_matching():
     transport = create_transport()
     flow = transport.training_losses(
         lambda x, s, y: model(x, s, y, r=s, force_drop_ids=torch.zeros_like(y)), x1, dict(y=y), t=t, noise=noise
-    )["flow"]
+    )["loss"]
     flow.mean().backward()
     g_flow = _grads(model)
     model.zero_grad()

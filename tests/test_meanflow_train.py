@@ -85,15 +85,14 @@ def test_meanflow_resumes_exactly_in_two_processes(ddp):
 def _step_parts(model, precision="fp32", compile_backend=None):
     from disploss.regularizer import DispersiveRegularizer
     from disploss.training.ema import EMA
-    from disploss.training.objective import meanflow_objective
-    from disploss.training.step import StepParts
+    from disploss.training.objective import Objective
+    from disploss.training.step import StepOptions
 
     reg = DispersiveRegularizer(model, layers="blocks.1", weight=0.25)  # hooks first, then compile
     net = torch.compile(model, backend=compile_backend) if compile_backend else model
-    objective = meanflow_objective(MeanFlowSettings(ratio=0.5, omega=1.5), reg)
+    objective = Objective(None, reg, meanflow=MeanFlowSettings(ratio=0.5, omega=1.5))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    return StepParts(net=net, objective=objective, opt=opt, ema=EMA(model), params=list(model.parameters()),
-                     device=torch.device("cpu"), precision=precision)  # fmt: skip
+    return dict(net=net, objective=objective, opt=opt, ema=EMA(model), options=StepOptions(precision=precision))
 
 
 def _mf_model():
@@ -108,8 +107,8 @@ def _one_step(parts, seed=0):
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(4, 3, 8, 8, generator=g), torch.tensor([0, 1, 2, 3])
     torch.manual_seed(seed)
-    out = train_step(parts, x, y)
-    return out, {n: p.grad.clone() for n, p in parts.net.named_parameters() if p.grad is not None}
+    out = train_step(parts["net"], parts["objective"], parts["opt"], parts["ema"], x, y, parts["options"])
+    return out, {n: p.grad.clone() for n, p in parts["net"].named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])

@@ -127,7 +127,7 @@ ONE_RANK = textwrap.dedent(
     import os, signal, sys
     import disploss.transport.transport as transport_module
     from disploss.commands.main import run_command
-    from disploss.training import preemption
+    from disploss.training.run import preemption
 
     rank, count = int(os.environ["RANK"]), [0]
     real = transport_module.Transport.training_losses

@@ -23,7 +23,7 @@ import torch
 from disploss.checkpoint import UnsafeCheckpointError, load_checkpoint
 from disploss.data import BadImageWarning
 from disploss.models import create_model
-from disploss.transport.transport import Transport
+from disploss.training.objective import Objective
 from trainkit import (
     SHIM,
     error_line,
@@ -128,7 +128,7 @@ def test_kill_9_then_same_command_resumes_exactly(images, tmp_path, capsys, unin
 def inject_nan(monkeypatch, term: str, at: int) -> None:
     """Make training step `at` non-finite: its flow or dispersive term (and so the loss and the gradient), or
     only the gradient (the loss is multiplied by NaN, the logged terms stay finite)."""
-    real = Transport.training_losses
+    real = Objective.__call__
     count = [0]
 
     def losses(self, *args, **kwargs):
@@ -141,7 +141,7 @@ def inject_nan(monkeypatch, term: str, at: int) -> None:
             out["loss"] = out["loss"] * math.nan
         return out
 
-    monkeypatch.setattr(Transport, "training_losses", losses)
+    monkeypatch.setattr(Objective, "__call__", losses)
 
 
 @pytest.mark.parametrize(
@@ -300,10 +300,10 @@ def test_results_dir_error_reaches_every_process(images, tmp_path):
 def test_full_disk_detected_before_training(images, tmp_path, monkeypatch, capsys):
     import shutil
 
-    from disploss.training import rundir
+    from disploss.training.run import folder as run_folder
 
     real = shutil.disk_usage
-    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
+    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
     assert train_cli(tiny_flags(images, tmp_path / "results", steps=1)) == 2
     assert "not enough free disk space" in error_line(capsys)
     assert not (tmp_path / "results").exists() or not run_dirs(tmp_path / "results")  # no folder, no step

@@ -13,26 +13,27 @@ import pytest
 import torch
 
 from disploss.processes import boot_id, process_start
-from disploss.training import rundir
+from disploss.training.run import folder as run_folder
+from disploss.training.run import lock as run_lock
 
 
 def test_reference_layout(tmp_path):
-    first = rundir.create_experiment_dir(tmp_path / "results", "SiT-XL/2", "Linear", "velocity", None)
+    first = run_folder.create_experiment_dir(tmp_path / "results", "SiT-XL/2", "Linear", "velocity", None)
     assert first.name == "000-SiT-XL-2-Linear-velocity-None"
     assert (first / "checkpoints").is_dir()
     (tmp_path / "results" / "notes.txt").write_text("x")  # any entry counts, like the reference's glob
-    second = rundir.create_experiment_dir(tmp_path / "results", "SiT-B/4", "GVP", "score", "likelihood")
+    second = run_folder.create_experiment_dir(tmp_path / "results", "SiT-B/4", "GVP", "score", "likelihood")
     assert second.name == "002-SiT-B-4-GVP-score-likelihood"
 
 
 def test_used_index_is_skipped(tmp_path):
     (tmp_path / "001-SiT-S-2-Linear-velocity-None").mkdir()  # index 1 taken, 1 entry in the folder
-    made = rundir.create_experiment_dir(tmp_path, "SiT-S/2", "Linear", "velocity", None)
+    made = run_folder.create_experiment_dir(tmp_path, "SiT-S/2", "Linear", "velocity", None)
     assert made.name == "002-SiT-S-2-Linear-velocity-None"
 
 
 def _create(results_dir: str, queue) -> None:
-    queue.put(str(rundir.create_experiment_dir(results_dir, "SiT-XL/2", "Linear", "velocity", None)))
+    queue.put(str(run_folder.create_experiment_dir(results_dir, "SiT-XL/2", "Linear", "velocity", None)))
 
 
 def test_concurrent_threads_never_share(tmp_path, monkeypatch):
@@ -44,7 +45,7 @@ def test_concurrent_threads_never_share(tmp_path, monkeypatch):
 
     def work():
         barrier.wait()
-        results.append(rundir.create_experiment_dir(tmp_path, "SiT-XL/2", "Linear", "velocity", None))
+        results.append(run_folder.create_experiment_dir(tmp_path, "SiT-XL/2", "Linear", "velocity", None))
 
     threads = [threading.Thread(target=work) for _ in range(8)]
     for t in threads:
@@ -68,15 +69,15 @@ def test_concurrent_processes_never_share(tmp_path):
 
 
 def test_check_writable_ok(tmp_path):
-    free = rundir.check_writable(tmp_path / "new" / "dir", min_free_bytes=1)
+    free = run_folder.check_writable(tmp_path / "new" / "dir", min_free_bytes=1)
     assert free > 0 and (tmp_path / "new" / "dir").is_dir()
     assert list((tmp_path / "new" / "dir").iterdir()) == []  # the probe is removed
 
 
 def test_check_writable_under_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(rundir.NotWritableError, match="cannot create the folder .*file/sub"):
-        rundir.check_writable(tmp_path / "file" / "sub")
+    with pytest.raises(run_folder.NotWritableError, match="cannot create the folder .*file/sub"):
+        run_folder.check_writable(tmp_path / "file" / "sub")
 
 
 def test_check_writable_read_only(tmp_path, monkeypatch):
@@ -91,8 +92,8 @@ def test_check_writable_read_only(tmp_path, monkeypatch):
         return real_open(file, mode, *a, **k)
 
     monkeypatch.setattr(builtins, "open", ro_open)
-    with pytest.raises(rundir.NotWritableError) as err:
-        rundir.check_writable(tmp_path)
+    with pytest.raises(run_folder.NotWritableError) as err:
+        run_folder.check_writable(tmp_path)
     assert str(tmp_path) in str(err.value) and "Read-only file system" in str(err.value)
     assert isinstance(err.value, PermissionError)
 
@@ -100,8 +101,8 @@ def test_check_writable_read_only(tmp_path, monkeypatch):
 def test_check_writable_disk_space(tmp_path):
     free = shutil.disk_usage(tmp_path).free
     need = free * 1000 + 12345
-    with pytest.raises(rundir.InsufficientDiskSpaceError) as err:
-        rundir.check_writable(tmp_path, min_free_bytes=need)
+    with pytest.raises(run_folder.InsufficientDiskSpaceError) as err:
+        run_folder.check_writable(tmp_path, min_free_bytes=need)
     message = str(err.value)
     assert str(tmp_path) in message and f"{need} bytes needed" in message and "bytes free" in message
 
@@ -118,15 +119,15 @@ def test_checkpoint_size_estimate_matches_a_real_checkpoint(tmp_path):
     path = save_checkpoint(
         tmp_path / "c.pt", {"model": model.state_dict(), "ema": ema, "opt": opt.state_dict(), "args": {"a": 1}}
     )
-    estimate = rundir.checkpoint_size_bytes(model)
+    estimate = run_folder.checkpoint_size_bytes(model)
     actual = path.stat().st_size
     assert actual <= estimate <= actual + (2 << 20)
-    assert rundir.checkpoint_size_bytes(model, with_opt=False) < estimate
+    assert run_folder.checkpoint_size_bytes(model, with_opt=False) < estimate
 
 
 def test_format_bytes():
-    assert rundir.format_bytes(512) == "512 B"
-    assert rundir.format_bytes(3 * 1024**3) == "3.00 GiB"
+    assert run_folder.format_bytes(512) == "512 B"
+    assert run_folder.format_bytes(3 * 1024**3) == "3.00 GiB"
 
 
 # -- the run folder's lock (RunLock) -------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def write_lock(folder: Path, **holder) -> Path:
     """A lock file as another job would have left it."""
     import json
 
-    path = folder / rundir.LOCK_NAME
+    path = folder / run_lock.LOCK_NAME
     content = {"host": "other-host", "pid": 1234, "started": "2026-01-01 00:00:00", "lease": 0.0, "token": "t0"}
     path.write_text(json.dumps({**content, **holder}))
     return path
@@ -150,20 +151,20 @@ def dead_pid() -> int:
 
 
 def test_lock_names_the_live_holder_and_is_released(tmp_path):
-    first = rundir.RunLock(tmp_path).acquire()
-    with pytest.raises(rundir.RunFolderLockedError, match=rf"being trained by pid {os.getpid()} on host .* since 20"):
-        rundir.RunLock(tmp_path).acquire()  # a second job, same host, the first one alive
+    first = run_lock.RunLock(tmp_path).acquire()
+    with pytest.raises(run_lock.RunFolderLockedError, match=rf"being trained by pid {os.getpid()} on host .* since 20"):
+        run_lock.RunLock(tmp_path).acquire()  # a second job, same host, the first one alive
     first.release()
-    assert not (tmp_path / rundir.LOCK_NAME).exists()
-    with rundir.RunLock(tmp_path):
-        assert (tmp_path / rundir.LOCK_NAME).is_file()
+    assert not (tmp_path / run_lock.LOCK_NAME).exists()
+    with run_lock.RunLock(tmp_path):
+        assert (tmp_path / run_lock.LOCK_NAME).is_file()
 
 
 def test_lock_of_a_dead_process_on_this_host_is_stale(tmp_path):
     import socket
 
     write_lock(tmp_path, host=socket.gethostname(), boot_id=boot_id(), pid=dead_pid(), lease=time.time())
-    with rundir.RunLock(tmp_path) as lock:  # at once: no waiting on a lease
+    with run_lock.RunLock(tmp_path) as lock:  # at once: no waiting on a lease
         assert lock._read()["pid"] == os.getpid()
 
 
@@ -174,13 +175,13 @@ def test_lock_of_a_reused_pid_is_stale(tmp_path):
     if start is None:
         pytest.skip("no /proc here: a pid's start time is unknown")
     write_lock(tmp_path, host=socket.gethostname(), boot_id=boot_id(), pid=os.getpid(), pid_start=start - 1)
-    with rundir.RunLock(tmp_path) as lock:  # our pid, but not the process that took the lock
+    with run_lock.RunLock(tmp_path) as lock:  # our pid, but not the process that took the lock
         assert lock._read()["token"] == lock.token
 
 
 def test_lock_of_another_host_stale_after_its_lease(tmp_path):
     write_lock(tmp_path, lease=time.time() - 11)
-    with rundir.RunLock(tmp_path, refresh_s=1, stale_s=10) as lock:
+    with run_lock.RunLock(tmp_path, refresh_s=1, stale_s=10) as lock:
         assert lock._read()["token"] == lock.token
 
 
@@ -199,14 +200,14 @@ def test_lock_of_another_host_waits_for_the_lease(tmp_path):
     thread = threading.Thread(target=refresher)
     thread.start()
     try:
-        with pytest.raises(rundir.RunFolderLockedError, match="pid 1234 on host other-host"):
-            rundir.RunLock(tmp_path, refresh_s=0.2, stale_s=30).acquire()
+        with pytest.raises(run_lock.RunFolderLockedError, match="pid 1234 on host other-host"):
+            run_lock.RunLock(tmp_path, refresh_s=0.2, stale_s=30).acquire()
     finally:
         stop.set()
         thread.join()
     notes = []
     start = time.monotonic()
-    with rundir.RunLock(tmp_path, refresh_s=0.2, stale_s=1.0, notify=notes.append) as lock:  # now nobody refreshes
+    with run_lock.RunLock(tmp_path, refresh_s=0.2, stale_s=1.0, notify=notes.append) as lock:  # now nobody refreshes
         assert lock._read()["token"] == lock.token
     assert 0.8 <= time.monotonic() - start < 20
     assert notes and "waiting up to 1 s" in notes[0]
@@ -215,14 +216,14 @@ def test_lock_of_another_host_waits_for_the_lease(tmp_path):
 def test_lease_is_refreshed_and_a_taken_lock_is_noticed(tmp_path):
     import json
 
-    lock = rundir.RunLock(tmp_path, refresh_s=0.05).acquire()
+    lock = run_lock.RunLock(tmp_path, refresh_s=0.05).acquire()
     first = lock._read()["lease"]
     time.sleep(0.3)
     assert lock._read()["lease"] > first  # the thread keeps the lease fresh
     lock.check()
-    (tmp_path / rundir.LOCK_NAME).write_text(json.dumps({"host": "h2", "pid": 7, "token": "other"}))
+    (tmp_path / run_lock.LOCK_NAME).write_text(json.dumps({"host": "h2", "pid": 7, "token": "other"}))
     time.sleep(0.3)
-    with pytest.raises(rundir.RunFolderLockedError, match="was taken by pid 7 on host h2"):
+    with pytest.raises(run_lock.RunFolderLockedError, match="was taken by pid 7 on host h2"):
         lock.check()
     lock.release()
-    assert json.loads((tmp_path / rundir.LOCK_NAME).read_text())["token"] == "other"  # not ours to remove
+    assert json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["token"] == "other"  # not ours to remove

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from disploss.training.runlog import RunLogger, WandbConfigError
+from disploss.training.run.log import RunLogger, WandbConfigError
 
 
 def read_metrics(run_dir):
@@ -168,7 +168,7 @@ def test_tensorboard_events(tmp_path):
 def test_image_from_file(tmp_path):
     from PIL import Image
 
-    from disploss.training.runlog import _image_array
+    from disploss.training.run.log import _image_array
 
     Image.fromarray(np.full((4, 6, 3), 7, np.uint8)).save(tmp_path / "grid.png")
     arr = _image_array(tmp_path / "grid.png")

@@ -9,6 +9,7 @@ import torch
 
 from disploss.dispersive import dispersive_loss
 from disploss.regularizer import DispersiveRegularizer
+from disploss.training.objective import Objective
 from disploss.transport import DIFFUSION_FORMS, LOSS_WEIGHTS, PATH_TYPES, PREDICTIONS, Transport, create_transport
 from disploss.transport.paths import make_path
 
@@ -214,7 +215,7 @@ def test_training_loss_with_reference_settings(tiny_sit_factory):
     x1, noise, t, y = _fixed_inputs()
     tr = create_transport("Linear")
     reg = DispersiveRegularizer(model, layers="blocks.1", weight=0.25, tau=1.0)  # the last of 2 blocks
-    out = tr.training_losses(model, x1, {"y": y}, regularizer=reg, t=t, noise=noise)
+    out = Objective(tr, reg)(model, x1, y, t=t, noise=noise)
     te = t[:, None, None, None]
     xt, ut = te * x1 + (1 - te) * noise, x1 - noise
     pred, acts = model(xt, t, y, return_act=True)
@@ -241,7 +242,7 @@ def test_training_loss_disp_options(tiny_sit_factory, block, variant):
     reg = DispersiveRegularizer(
         model, layers=f"blocks.{block % len(model.blocks)}", weight=0.5, tau=0.5, variant=variant, margin=2.0
     )
-    out = tr.training_losses(model, x1, {"y": y}, regularizer=reg, t=t, noise=noise)
+    out = Objective(tr, reg)(model, x1, y, t=t, noise=noise)
     with torch.no_grad():
         te = t[:, None, None, None]
         _, acts = model(te * x1 + (1 - te) * noise, t, y, return_act=True)
@@ -264,7 +265,7 @@ def test_no_dispersive_term_calls_the_model_without_return_act():
         return x * 0.5
 
     x1, noise, t, _ = _fixed_inputs()
-    out = create_transport().training_losses(model, x1, {"y": 3}, t=t, noise=noise)
+    out = Objective(create_transport())(model, x1, 3, t=t, noise=noise)
     assert calls == [{"y": 3}]
     assert out["disp"].item() == 0.0
     torch.testing.assert_close(out["loss"], out["flow"])
@@ -281,7 +282,7 @@ def test_velocity_flow_term_is_the_mse():
         tr = create_transport(path_type)
         out = tr.training_losses(model, x1, t=t, noise=noise)
         _, xt, ut = tr.path.plan(t, noise, x1)
-        torch.testing.assert_close(out["flow"], ((model(xt, t) - ut) ** 2).mean(dim=(1, 2, 3)))
+        torch.testing.assert_close(out["loss"], ((model(xt, t) - ut) ** 2).mean(dim=(1, 2, 3)))
 
 
 @pytest.mark.parametrize("path_type", PATH_TYPES)
@@ -293,7 +294,7 @@ def test_score_and_noise_losses_are_finite(tiny_sit_factory, path_type, predicti
     tr = create_transport(path_type, prediction, loss_weight)
     torch.manual_seed(0)
     reg = DispersiveRegularizer(model, layers="blocks.1", weight=0.25)
-    out = tr.training_losses(model, x1, {"y": y}, regularizer=reg)
+    out = Objective(tr, reg)(model, x1, y)
     assert out["loss"].shape == (4,) and torch.isfinite(out["loss"]).all() and torch.isfinite(out["disp"])
     out["loss"].mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -311,7 +312,7 @@ def test_loss_weights_on_the_linear_path(prediction, loss_weight):
     pred = torch.randn(x1.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     out = create_transport("Linear", prediction, loss_weight).training_losses(lambda x, tt: pred, x1, t=t, noise=noise)
     err = pred - noise if prediction == "noise" else pred * (1 - te) + noise
-    torch.testing.assert_close(out["flow"], (weight * err**2).mean(dim=(1, 2, 3)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out["loss"], (weight * err**2).mean(dim=(1, 2, 3)), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("prediction", ["score", "noise"])
@@ -325,7 +326,7 @@ def test_score_and_noise_losses_vanish_for_the_exact_target(prediction):
         return noise if prediction == "noise" else -noise / sigma
 
     out = tr.training_losses(model, x1, t=t, noise=noise)
-    assert out["flow"].abs().max() < 1e-10
+    assert out["loss"].abs().max() < 1e-10
 
 
 def test_prior_logp():

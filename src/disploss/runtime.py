@@ -17,7 +17,7 @@ from disploss.errors import ConfigError
 PRECISIONS = ("fp32", "tf32", "bf16")
 DEVICES = ("cuda", "cpu")
 
-__all__ = ["DEVICES", "PRECISIONS", "autocast", "resolve_device", "set_precision"]
+__all__ = ["DEVICES", "PRECISIONS", "autocast", "peak_memory_gb", "resolve_device", "set_precision"]
 
 
 def set_precision(precision: str) -> None:
@@ -48,3 +48,12 @@ def resolve_device(name: str | None) -> torch.device:
             f"--device {name}: no CUDA device is available (torch.cuda.is_available() is False); use --device cpu"
         )
     return torch.device(name)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated CUDA memory, or on the CPU the process's peak resident set, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)

@@ -118,17 +118,27 @@ def verify_checkpoint(state: Any, path: str | os.PathLike = "checkpoint") -> Non
                     f"checkpoint {path} is damaged: the bytes of {where} differ from those saved (CRC-32 mismatch); "
                     "use an earlier checkpoint"
                 )
-    for where, tensor in tensors.items():
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise NonFiniteCheckpointError(
+            f"checkpoint {path} holds non-finite values in {bad}: its run had diverged, or the file is damaged; use "
+            "an earlier checkpoint"
+        )
+
+
+def first_nonfinite(state: Any) -> str | None:
+    """The first floating-point tensor of a plain checkpoint (dicts, lists, tensors) that holds NaN or infinity,
+    with its place and counts, e.g. "model['blocks.0.attn.qkv.weight'] (12 NaN, 0 infinite of 27648)"; None when
+    every tensor is finite."""
+    for where, tensor in _tensors(state, ""):
         if not tensor.is_floating_point() or tensor.layout != torch.strided:
             continue
         if torch.isfinite(tensor.sum()):  # any NaN or inf makes the sum non-finite; a finite sum is the fast path
             continue
         nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
         if nan or inf:
-            raise NonFiniteCheckpointError(
-                f"checkpoint {path} holds non-finite values in {where} ({nan} NaN, {inf} infinite of "
-                f"{tensor.numel()}): its run had diverged, or the file is damaged; use an earlier checkpoint"
-            )
+            return f"{where} ({nan} NaN, {inf} infinite of {tensor.numel()})"
+    return None
 
 
 def _check_plain(obj: Any, where: str) -> None:

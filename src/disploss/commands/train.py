@@ -15,7 +15,7 @@ import sys
 from disploss.commands.flags import add_config_arguments, config_from_namespace
 from disploss.commands.report import guarded, print_error
 from disploss.training import NonFiniteError, TrainConfig, train
-from disploss.training.preemption import EXIT_INTERRUPTED, Stopped, stop_signals
+from disploss.training.run.preemption import EXIT_INTERRUPTED, Stopped, stop_signals
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

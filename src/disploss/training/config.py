@@ -126,6 +126,46 @@ class TrainConfig:
         if isinstance(self.disp_block, int):  # TrainConfig(disp_block=6) from Python
             object.__setattr__(self, "disp_block", str(self.disp_block))
         check_options(self)
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """What no single option can check alone: the model's depth and patch, and options that go together.
+        (What depends on the run's environment, the data and the number of processes, is checked by
+        disploss.training.run.preflight.)
+
+        Raises:
+            ConfigError: naming the flag and the valid values.
+        """
+        from disploss.models import MODEL_PRESETS, parse_model_name
+
+        if self.model not in MODEL_PRESETS:
+            raise ConfigError(f"--model {self.model!r} is not a known model; valid choices: {', '.join(MODEL_PRESETS)}")
+        depth, _, _, patch = parse_model_name(self.model)
+        disp_blocks(self.disp_block, depth, self.model)  # regularised with --disp, watched (diagnostics) without
+        if self.vae == "none" and self.latents is None and self.image_size % patch:
+            near = " or ".join(
+                str(k * patch) for k in (self.image_size // patch, self.image_size // patch + 1) if k > 0
+            )
+            raise ConfigError(
+                f"--image-size {self.image_size} is not divisible by the patch size {patch} of --model {self.model}; "
+                f"valid sizes nearby: {near}"
+            )
+        if self.disp and not (self.disp_weight > 0 and self.disp_tau > 0):
+            raise ConfigError("--disp-weight and --disp-tau must be positive")
+        if self.keep_every is not None and self.keep_every % self.ckpt_every:
+            raise ConfigError(
+                f"--keep-every {self.keep_every} must be a multiple of --ckpt-every {self.ckpt_every} (the checkpoints "
+                "kept forever are those at steps divisible by it)"
+            )
+        if self.objective == "meanflow" and (self.path_type, self.prediction) != ("Linear", "velocity"):
+            flag, value, need = (
+                ("--path-type", self.path_type, "Linear") if self.path_type != "Linear" else
+                ("--prediction", self.prediction, "velocity")
+            )  # fmt: skip
+            raise ConfigError(
+                f"--objective meanflow does not support {flag} {value}: MeanFlow learns the average velocity of the "
+                f"Linear path; use {flag} {need} (the default)"
+            )
 
     def as_dict(self) -> dict:
         """The configuration as a plain dict (config.json, the 'args' of every checkpoint)."""
@@ -192,45 +232,3 @@ def experiment_differences(stored: dict, cfg: TrainConfig) -> list[str]:
             continue
         out.append(f"{flag_name(fields[name])} {old} (this command: {new})")
     return out
-
-
-def validate(cfg: TrainConfig, world_size: int) -> None:
-    """Check what TrainConfig cannot check alone (the model's depth and patch, the number of processes).
-
-    Raises:
-        ConfigError: naming the flag and the valid values.
-    """
-    from disploss.models import MODEL_PRESETS, parse_model_name
-
-    if cfg.model not in MODEL_PRESETS:
-        raise ConfigError(f"--model {cfg.model!r} is not a known model; valid choices: {', '.join(MODEL_PRESETS)}")
-    depth, _, _, patch = parse_model_name(cfg.model)
-    disp_blocks(cfg.disp_block, depth, cfg.model)  # regularised with --disp, watched (diagnostics) without
-    if cfg.data_path is None and cfg.latents is None:
-        raise ConfigError("--data-path is required (or --latents DIR to train from cached latents)")
-    if cfg.global_batch_size % world_size:
-        raise ConfigError(
-            f"--global-batch-size {cfg.global_batch_size} is not divisible by the number of processes {world_size}"
-        )
-    if cfg.vae == "none" and cfg.latents is None and cfg.image_size % patch:
-        near = " or ".join(str(k * patch) for k in (cfg.image_size // patch, cfg.image_size // patch + 1) if k > 0)
-        raise ConfigError(
-            f"--image-size {cfg.image_size} is not divisible by the patch size {patch} of --model {cfg.model}; "
-            f"valid sizes nearby: {near}"
-        )
-    if cfg.disp and not (cfg.disp_weight > 0 and cfg.disp_tau > 0):
-        raise ConfigError("--disp-weight and --disp-tau must be positive")
-    if cfg.keep_every is not None and cfg.keep_every % cfg.ckpt_every:
-        raise ConfigError(
-            f"--keep-every {cfg.keep_every} must be a multiple of --ckpt-every {cfg.ckpt_every} (the checkpoints kept "
-            "forever are those at steps divisible by it)"
-        )
-    if cfg.objective == "meanflow" and (cfg.path_type, cfg.prediction) != ("Linear", "velocity"):
-        flag, value, need = (
-            ("--path-type", cfg.path_type, "Linear") if cfg.path_type != "Linear" else
-            ("--prediction", cfg.prediction, "velocity")
-        )  # fmt: skip
-        raise ConfigError(
-            f"--objective meanflow does not support {flag} {value}: MeanFlow learns the average velocity of the "
-            f"Linear path; use {flag} {need} (the default)"
-        )

@@ -1,7 +1,9 @@
-"""`train(cfg)`: SiT training with flow matching and, with cfg.disp, dispersive loss.
+"""`train(cfg)`: SiT training with flow matching (or MeanFlow) and, with cfg.disp, dispersive loss.
 
-Reads top to bottom: setup, resume, data, loop {train_step, housekeeping: log line, checkpoint, stop on a
-signal, sample grid}. The step itself (forward, backward, AdamW, EMA) is `disploss.training.step.train_step`, shared with the benchmark.
+Reads top to bottom: setup, resume, the step, loop {train_step, housekeeping: log line, checkpoint, stop on a
+signal, sample grid}. The objective, with the dispersive term, is `disploss.training.objective`; the step itself
+(forward, backward, AdamW, EMA) is `disploss.training.step.train_step`, shared with the benchmark. The run's
+operations (run folder and lock, resume, checkpoints, preemption, preflight, logs) are `disploss.training.run`.
 """
 
 from __future__ import annotations
@@ -13,17 +15,15 @@ from pathlib import Path
 import torch
 
 from disploss import distributed as dist
-from disploss.training import preemption
 from disploss.training.config import TrainConfig
-from disploss.training.plots import plot_run
-from disploss.training.preflight import check_patch, preflight
+from disploss.training.run import preemption
 
 
 def train(cfg: TrainConfig) -> Path:
     """Train; returns the run folder. See TrainConfig for the options.
 
     SIGTERM, SIGUSR1 and SIGINT stop the run after the current step with a checkpoint and raise
-    `preemption.Stopped` (training/preemption.py); the run folder stays locked to this job until it ends.
+    `preemption.Stopped` (training/run/preemption.py); the run folder stays locked to this job until it ends.
     """
     with preemption.stop_signals(), contextlib.ExitStack() as on_exit:
         return _train(cfg, on_exit)
@@ -32,71 +32,71 @@ def train(cfg: TrainConfig) -> Path:
 def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
     """train() top to bottom; `on_exit` closes the log and releases the run folder's lock however it ends."""
     from disploss.models import create_model, parse_model_name
-    from disploss.runtime import set_precision
+    from disploss.runtime import peak_memory_gb, set_precision
     from disploss.training import loader as data
-    from disploss.training import state as st
     from disploss.training.ema import EMA
-    from disploss.training.metrics import RunningMeans
     from disploss.training.objective import DispersionWatch, build_objective, build_regularizer
-    from disploss.training.step import NonFiniteWatch, StepParts, make_adamw, nonfinite_term, train_step
+    from disploss.training.run.checkpoints import save_training_checkpoint
+    from disploss.training.run.folder import prepare_run_dir
+    from disploss.training.run.metrics import RunningMeans
+    from disploss.training.run.plots import plot_run
+    from disploss.training.run.preflight import check_patch, preflight
+    from disploss.training.run.resume import find_resume, load_weights, restore_rng
+    from disploss.training.step import NonFiniteWatch, StepOptions, make_adamw, nonfinite_term, train_step
     from disploss.transport import create_transport
 
-    # -- setup ----------------------------------------------------------------------------------------------------
+    # -- setup: processes, cheap checks, data, model, optimizer ---------------------------------------------------
     info = dist.init(cfg.device)
     device, world, rank = info.device, info.world_size, info.rank
-    # Cheap checks first (flags, data, wandb, output folder), on every process at once: a mistake is printed once.
+    # Cheap checks first (data, processes, wandb, output folder), on every process at once: a mistake is printed once.
     dataset = dist.on_every_rank(preflight, cfg, world, info.is_main)
     set_precision(cfg.precision)
     torch.manual_seed(cfg.global_seed * world + rank)
     local_batch = cfg.global_batch_size // world
     td = dist.on_every_rank(data.build_data, cfg, device, dataset)  # the VAE
     steps_per_epoch = data.steps_per_epoch(len(td.dataset), world, local_batch)
+    max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     check_patch(cfg, td.input_size, parse_model_name(cfg.model)[3])
     model = create_model(
         cfg.model, input_size=td.input_size, in_channels=td.in_channels, num_classes=cfg.num_classes,
         meanflow=cfg.objective == "meanflow",  # MeanFlow: a second time input (disploss.meanflow)
-    )  # fmt: skip
-    model = model.to(device)
+    ).to(device)  # fmt: skip
     model.grad_checkpointing = cfg.grad_checkpointing
     transport = create_transport(cfg.path_type, cfg.prediction, cfg.loss_weight, cfg.train_eps, cfg.sample_eps)
     opt = make_adamw(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
 
-    # -- resume -----------------------------------------------------------------------------------------------------
-    resume = dist.on_every_rank(st.find_resume, cfg)
+    # -- resume: weights, optimizer, step, run folder, log, random state --------------------------------------------
+    resume = dist.on_every_rank(find_resume, cfg)
     if resume.state is not None:
-        dist.on_every_rank(st.load_weights, model, resume.state, "model", resume.path, cfg)
+        dist.on_every_rank(load_weights, model, resume.state, "model", resume.path, cfg)
         if "opt" in resume.state:
             opt.load_state_dict(resume.state["opt"])
     ema = EMA(model)  # an exact copy of the model (the reference's update_ema(decay=0))
     if resume.state is not None:
-        st.load_weights(ema.model, resume.state, "ema", resume.path, cfg)
+        load_weights(ema.model, resume.state, "ema", resume.path, cfg)
     step = resume.step
-    run_dir, lock = dist.on_every_rank(st.prepare_run_dir, cfg, resume, model, info.is_main, on_exit)
+    run_dir, lock = dist.on_every_rank(prepare_run_dir, cfg, resume, model, info.is_main, on_exit)
     config = {**cfg.as_dict(), "model_config": model.config(), "world_size": world, "run_dir": str(run_dir)}
     logger = _start_log(cfg, config, run_dir, model, resume, td.notes, info, on_exit)
-
-    # -- data and the step --------------------------------------------------------------------------------------------
+    logger.total_steps = max_steps  # progress and ETA on the log lines
     loader, sampler = data.make_loader(td.dataset, local_batch, world, rank, cfg.global_seed, cfg.num_workers, device)
     if resume.state is not None and "rng" in resume.state:
-        st.restore_rng(resume.state["rng"], rank, world, device, logger)
-    max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-    logger.total_steps = max_steps  # progress and ETA on the log lines
+        restore_rng(resume.state["rng"], rank, world, device, logger)
+
+    # -- the step: the objective (flow matching or MeanFlow, + the dispersive term), DDP, compile ----------------------
     regularizer = build_regularizer(model, cfg)  # hooks on the unwrapped model, before DDP and compile wrap it
+    objective = build_objective(cfg, transport, regularizer)
     dispersion = DispersionWatch(model, cfg, regularizer)  # diagnostics of the (would-be) regularised blocks
-    net = _wrap(model, world, device, cfg.compile)  # DDP and torch.compile around the model
-    model.train()
-    parts = StepParts(
-        net=net, objective=build_objective(cfg, transport, regularizer), opt=opt, ema=ema, device=device,
-        precision=cfg.precision, params=[p for p in model.parameters() if p.requires_grad], grad_clip=cfg.grad_clip,
-        ema_decay=cfg.ema_decay, skip_nonfinite=cfg.on_nonfinite == "skip",
-    )  # fmt: skip
+    net = _wrap(model, world, device, cfg.compile)
+    options = StepOptions.of(cfg)
     encode = td.codec.encode if td.codec is not None and td.codec.spec != "none" else None
+    model.train()
 
     # -- loop -------------------------------------------------------------------------------------------------------
     means = RunningMeans(device)  # loss, flow, disp (and each block's) over the updating steps since the last log
     watch = NonFiniteWatch(device, resume.path, resume.state)  # names a checkpoint that was not finite
     skipped = int(resume.state.get("skipped_steps", 0)) if resume.state is not None else 0
-    t_log, log_start, out = time.time(), step, None
+    t_log, log_start = time.time(), step
     if step >= max_steps:
         logger.info(f"nothing to do: step {step} >= {max_steps}")
     poll = preemption.StopPoll(cfg.ckpt_every_minutes, world)  # from here a signal stops after the current step
@@ -108,9 +108,9 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
             if encode is not None:
                 x = encode(x, sample=True)
             dispersion.before_step((step + 1) % cfg.log_every == 0 or step + 1 == max_steps)
-            out = train_step(parts, x, y)
+            out = train_step(net, objective, opt, ema, x, y, options)
             step += 1
-            if parts.skip_nonfinite and not out.updated:
+            if options.skip_nonfinite and not out.updated:
                 skipped += 1
                 logger.warning(f"step {step}: non-finite {nonfinite_term(out)}; step skipped (--on-nonfinite skip)")
             else:
@@ -118,7 +118,7 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
             if out.updated:
                 means.add({"loss": out.loss, "flow": out.flow, "disp": out.disp, **_prefixed("disp/", out.layers)})
 
-            # -- housekeeping ---------------------------------------------------------------------------------------
+            # -- housekeeping: log line, checkpoint, stop on a signal, sample grid ----------------------------------
             last = step == max_steps
             stop = poll.poll()  # one small collective: a stop signal or --ckpt-every-minutes on any process
             if step % cfg.log_every == 0 or last:
@@ -127,13 +127,13 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
                 logger.log_metrics(step, {
                     **means.pop(world), **_mean_over_ranks(dispersion.collect(), world), "steps_per_sec": (step - log_start) / dt,
                     "images_per_sec": (step - log_start) * cfg.global_batch_size / dt, "lr": opt.param_groups[0]["lr"],
-                    "grad_norm": float(out.grad_norm), "epoch": epoch, "peak_mem_gb": st.peak_memory_gb(device),
+                    "grad_norm": float(out.grad_norm), "epoch": epoch, "peak_mem_gb": peak_memory_gb(device),
                     "skipped_steps": skipped,
                 })  # fmt: skip
                 t_log, log_start = time.time(), step
             if step % cfg.ckpt_every == 0 or last or stop.save:
                 watch.check()
-                saved = st.save_training_checkpoint(
+                saved = save_training_checkpoint(
                     run_dir, step, epoch, model, ema, opt, config, device, world, skipped, logger, lock
                 )
                 poll.saved()
@@ -158,7 +158,7 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
 
 def _start_log(cfg: TrainConfig, config: dict, run_dir: Path, model, resume, notes: list, info, on_exit):
     """The run's logger (closed by `on_exit`), config.json (rank 0), and the opening lines of log.txt."""
-    from disploss.training.runlog import RunLogger
+    from disploss.training.run.log import RunLogger
 
     logger = RunLogger(
         run_dir, resume_step=resume.step or None, wandb=cfg.wandb, wandb_config=config, tensorboard=cfg.tensorboard

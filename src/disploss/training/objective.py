@@ -1,14 +1,60 @@
-"""The training objective of a run: the transport's flow-matching (or score / noise) loss, or MeanFlow's
-(disploss.meanflow), plus the dispersive term of a DispersiveRegularizer hooked on the chosen SiT blocks."""
+"""The training objective of a run, and the one place where the dispersive term joins the loss:
+
+    loss_i = L_obj(x_i) + lambda * mean over the regularised layers l of L_disp(Z_l)        (the paper's eq. 1)
+
+L_obj is the transport's flow-matching (or score / noise) loss, or MeanFlow's adaptively weighted loss
+(disploss.meanflow). The DispersiveRegularizer's hooks capture the layers' outputs during the model's forward with
+gradient; `regularizer.loss()` turns them into lambda * mean_l L_disp, the same scalar added to every sample's
+loss, as the reference adds it. Neither the transport nor MeanFlow knows that the term exists.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from disploss.regularizer import DispersiveRegularizer, compile_checkpointed_captures
+from disploss.meanflow import MeanFlowSettings
+from disploss.regularizer import DispersiveRegularizer, compile_checkpointed_captures, unwrap_model
 from disploss.training.config import TrainConfig, disp_blocks
+
+
+class Objective:
+    """(net, x, y) -> the loss terms of one batch.
+
+    Args:
+        transport: disploss.transport.Transport: the flow-matching loss (unused with `meanflow`).
+        regularizer: a DispersiveRegularizer hooked on the model, or None.
+        meanflow: MeanFlow's settings to train the average velocity instead (disploss.meanflow), or None.
+    Returns (of a call):
+        dict with 'loss' (B,) the total per sample; 'flow' (B,) the objective's unweighted error (flow matching:
+        its loss; MeanFlow: the mean squared error to its target); 'disp' () the regulariser's unweighted value,
+        the mean over its layers (0 without one); 'layers' {layer name: () its value}; 'pred' the model output.
+    """
+
+    def __init__(
+        self, transport, regularizer: DispersiveRegularizer | None = None, meanflow: MeanFlowSettings | None = None
+    ):
+        self.transport, self.regularizer, self.meanflow = transport, regularizer, meanflow
+
+    def __call__(self, net, x: torch.Tensor, y: torch.Tensor, **draws) -> dict:
+        """`draws`: fixed t / noise (and MeanFlow's r / drop) instead of random ones (tests)."""
+        if self.meanflow is None:
+            terms = self.transport.training_losses(net, x, {"y": y}, **draws)
+            terms["flow"] = terms["loss"]
+        else:  # the JVP and guidance passes run on the unwrapped module, the pass with gradient through `net`
+            from disploss.meanflow import meanflow_losses
+
+            terms = meanflow_losses(net, x, y, self.meanflow, jvp_model=unwrap_model(net), **draws)
+        terms["disp"], terms["layers"] = torch.zeros((), device=x.device), {}
+        if self.regularizer is not None:
+            terms["loss"] = terms["loss"] + self.regularizer.loss()
+            terms["layers"] = dict(self.regularizer.last_values)
+            terms["disp"] = torch.stack(list(terms["layers"].values())).mean()
+        return terms
+
+
+def build_objective(cfg: TrainConfig, transport, regularizer: DispersiveRegularizer | None) -> Objective:
+    """The Objective of --objective (flow | meanflow) with the run's regulariser."""
+    return Objective(transport, regularizer, cfg.meanflow if cfg.objective == "meanflow" else None)
 
 
 def build_regularizer(model: torch.nn.Module, cfg: TrainConfig) -> DispersiveRegularizer | None:
@@ -25,45 +71,6 @@ def build_regularizer(model: torch.nn.Module, cfg: TrainConfig) -> DispersiveReg
         model, layers=[f"blocks.{i}" for i in blocks], weight=cfg.disp_weight, tau=cfg.disp_tau,
         variant=cfg.disp_variant, margin=cfg.disp_margin, gather=cfg.disp_gather,
     )  # fmt: skip
-
-
-def build_objective(cfg: TrainConfig, transport, regularizer: DispersiveRegularizer | None) -> Callable:
-    """The objective of --objective: flow_objective or meanflow_objective."""
-    if cfg.objective == "meanflow":
-        return meanflow_objective(cfg.meanflow, regularizer)
-    return flow_objective(transport, regularizer)
-
-
-def flow_objective(transport, regularizer: DispersiveRegularizer | None) -> Callable:
-    """(net, x, y) -> terms: 'loss' (B,), 'flow' (B,), 'disp' () and 'layers' {layer: dispersive value}."""
-
-    def objective(net, x, y):
-        terms = transport.training_losses(net, x, dict(y=y), regularizer=regularizer)
-        terms["layers"] = dict(regularizer.last_values) if regularizer is not None else {}
-        return terms
-
-    return objective
-
-
-def meanflow_objective(settings, regularizer: DispersiveRegularizer | None) -> Callable:
-    """(net, x, y) -> terms as flow_objective's, of MeanFlow (disploss.meanflow.meanflow_losses): 'loss' (B,) the
-    adaptively weighted MeanFlow loss plus the regulariser's term, 'flow' (B,) the mean squared error to the MeanFlow
-    target. The JVP (and guidance) passes run without gradient on the module under DDP / torch.compile; the pass
-    with gradient, the one the regulariser's hooks capture, runs through `net`."""
-    from disploss.meanflow import meanflow_losses
-    from disploss.regularizer import unwrap_model
-
-    def objective(net, x, y):
-        terms = meanflow_losses(net, x, y, settings, jvp_model=unwrap_model(net))
-        terms["disp"] = torch.zeros((), device=x.device)
-        terms["layers"] = {}
-        if regularizer is not None:
-            terms["loss"] = terms["loss"] + regularizer.loss()
-            terms["layers"] = dict(regularizer.last_values)
-            terms["disp"] = torch.stack(list(terms["layers"].values())).mean()  # the unweighted dispersive value
-        return terms
-
-    return objective
 
 
 class DispersionWatch:

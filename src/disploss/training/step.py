@@ -1,11 +1,10 @@
 """One optimisation step, shared by `train()` and the benchmark (`disploss bench`), so what is timed is what is
-trained: forward under the precision's autocast, the objective, backward, the gradient norm (and clipping), the
-non-finite check, AdamW, EMA."""
+trained: the objective under the precision's autocast, backward, the gradient norm (and clipping), the
+non-finite check, AdamW, EMA. Also the watch that turns a non-finite step into an error naming it."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -13,26 +12,17 @@ import torch
 from disploss import distributed as dist
 from disploss.runtime import autocast
 
-# (net, x, y) -> {"loss": (B,) total per sample, "flow": (B,), "disp": () dispersive value,
-#                 optionally "layers": {layer name: () dispersive value of that layer}}
-Objective = Callable[[Callable, torch.Tensor, torch.Tensor], dict]
-
 
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient; the message names the step and the term."""
 
 
-@dataclass
-class StepParts:
-    """What one step needs, built once before the loop.
+@dataclass(frozen=True)
+class StepOptions:
+    """How a step runs and updates the weights.
 
     Attributes:
-        net: the model as called (possibly DDP- and compile-wrapped).
-        objective: (net, x, y) -> terms, see `Objective`.
-        opt: the optimizer over `params`.
-        ema: disploss.training.ema.EMA of the unwrapped model.
-        params: the trainable parameters (gradient norm and clipping).
-        device, precision: where, and 'fp32' | 'tf32' | 'bf16'.
+        precision: 'fp32' | 'tf32' | 'bf16' (the forward and the loss under bfloat16 autocast).
         grad_clip: clip the gradient norm to this value; 0 = no clipping (the norm is still computed: it is the
             non-finite check's input and a logged metric).
         ema_decay: EMA decay per step.
@@ -40,16 +30,15 @@ class StepParts:
             (costs one host sync per step); False records it on the device for `NonFiniteWatch` to raise.
     """
 
-    net: Callable
-    objective: Objective
-    opt: torch.optim.Optimizer
-    ema: object
-    params: list
-    device: torch.device
     precision: str = "tf32"
     grad_clip: float = 0.0
     ema_decay: float = 0.9999
     skip_nonfinite: bool = False
+
+    @classmethod
+    def of(cls, cfg) -> StepOptions:
+        """The options of a TrainConfig (--precision, --grad-clip, --ema-decay, --on-nonfinite)."""
+        return cls(cfg.precision, cfg.grad_clip, cfg.ema_decay, cfg.on_nonfinite == "skip")
 
 
 @dataclass
@@ -67,26 +56,35 @@ class StepOutput:
     layers: dict = field(default_factory=dict)
 
 
-def train_step(parts: StepParts, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-    """Forward, backward, AdamW and EMA on one batch x (B, C, H, W), y (B,)."""
-    with autocast(parts.device, parts.precision):
-        terms = parts.objective(parts.net, x, y)
+def train_step(net, objective, opt, ema, x: torch.Tensor, y: torch.Tensor, options: StepOptions) -> StepOutput:
+    """One optimisation step on the batch x (B, C, H, W), y (B,).
+
+    Args:
+        net: the model as called (possibly DDP- and compile-wrapped).
+        objective: (net, x, y) -> terms (disploss.training.objective.Objective).
+        opt: the optimizer; its parameters are the ones whose gradient norm is taken (and clipped).
+        ema: disploss.training.ema.EMA of the unwrapped model.
+        options: StepOptions.
+    """
+    with autocast(x.device, options.precision):
+        terms = objective(net, x, y)
     loss = terms["loss"].mean()
-    parts.opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(parts.params, parts.grad_clip if parts.grad_clip > 0 else math.inf)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, options.grad_clip if options.grad_clip > 0 else math.inf)
     flow, disp = terms["flow"].detach().mean(), terms["disp"].detach().float()
     finite = torch.isfinite(grad_norm) & torch.isfinite(flow) & torch.isfinite(disp)
     updated = True
-    if parts.skip_nonfinite:  # needs the answer now: one host sync per step
+    if options.skip_nonfinite:  # needs the answer now: one host sync per step
         # Every process must agree (a local loss can be non-finite while the averaged gradient is not).
         updated = float(dist.all_reduce_sum((~finite).float())) == 0
         if not updated:
-            parts.opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
     if updated:
-        parts.opt.step()
-        parts.ema.update(parts.ema_decay)
-    layers = {k: v.detach() for k, v in terms.get("layers", {}).items()}
+        opt.step()
+        ema.update(options.ema_decay)
+    layers = {k: v.detach() for k, v in terms["layers"].items()}
     return StepOutput(loss.detach(), flow, disp, grad_norm.detach(), finite, updated, layers)
 
 
@@ -131,37 +129,18 @@ class NonFiniteWatch:
         if first < 0:
             return
         where = f"non-finite {_term(flow_bad, disp_bad)} at step {int(first)}"
-        inherited = first_nonfinite_tensor(self.origin_state) if self.origin_state is not None else None
+        from disploss.checkpoint import first_nonfinite
+
+        inherited = first_nonfinite(self.origin_state) if self.origin_state is not None else None
         if inherited is not None:
             raise NonFiniteError(
-                f"{where}: the checkpoint {self.origin_path} this run started from holds non-finite values "
-                f"({inherited}), so no setting of this run can help; start from an earlier checkpoint"
+                f"{where}: the checkpoint {self.origin_path} this run started from holds non-finite values in "
+                f"{inherited}, so no setting of this run can help; start from an earlier checkpoint"
             )
         raise NonFiniteError(
             f"{where}; the last checkpoint written before it is intact. Lower --lr, set --grad-clip, or pass "
             "--on-nonfinite skip to skip such steps"
         )
-
-
-def first_nonfinite_tensor(state, where: str = "") -> str | None:
-    """The key path of the first floating-point tensor in a checkpoint dict with a NaN or inf, and what it holds,
-    e.g. "model['blocks.0.attn.qkv.weight']: 12 NaN, 0 inf of 27648 values"; None when all are finite."""
-    if isinstance(state, torch.Tensor):
-        if not (state.is_floating_point() or state.is_complex()) or bool(torch.isfinite(state).all()):
-            return None
-        nan = int(torch.isnan(state).sum())
-        return f"{where}: {nan} NaN, {int((~torch.isfinite(state)).sum()) - nan} inf of {state.numel()} values"
-    if isinstance(state, dict):
-        items = state.items()
-    elif isinstance(state, (list, tuple)):
-        items = enumerate(state)
-    else:
-        return None
-    for key, value in items:
-        found = first_nonfinite_tensor(value, f"{where}[{key!r}]" if where else str(key))
-        if found is not None:
-            return found
-    return None
 
 
 def make_adamw(params, **kwargs) -> torch.optim.AdamW:

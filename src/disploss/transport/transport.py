@@ -1,5 +1,6 @@
-"""The Transport: a path plus a prediction type, with the training objective (the flow term, plus a regulariser's
-term such as the dispersive loss) and the drift / score fields that the samplers integrate."""
+"""The Transport: a path plus a prediction type, with the flow-matching (or score / noise) loss and the drift /
+score fields that the samplers integrate. Terms added to the loss (the dispersive one) are the training
+objective's business (disploss.training.objective), not the transport's."""
 
 from __future__ import annotations
 
@@ -96,23 +97,17 @@ class Transport:
         x1: torch.Tensor,
         model_kwargs: dict | None = None,
         *,
-        regularizer=None,
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Flow-matching (or score / noise) loss, plus a regulariser's term (e.g. the dispersive loss).
+        """The flow-matching (or score / noise) loss of one batch.
 
         Args:
             model: called as model(x_t, t, **model_kwargs).
             x1: (B, C, H, W) data (latents).
-            regularizer: e.g. a disploss.DispersiveRegularizer hooked on the model: its `loss()` (the weighted
-                term of the layers captured during this forward) is added to every sample's loss, as the reference
-                adds lambda * L_disp. None: no regulariser.
             t, noise: optional fixed t (B,) and x0 (B, C, H, W); drawn as the reference does otherwise.
         Returns:
-            dict with 'loss' (B,) = flow + the regulariser's term (the reference's per-sample total), 'flow' (B,),
-            'disp' (0-d, detached: the regulariser's unweighted value, the mean over its layers; 0 without one),
-            'pred' (B, C, H, W).
+            dict with 'loss' (B,) (float32: the mean over each sample's elements) and 'pred' (B, C, H, W).
         """
         model_kwargs = model_kwargs or {}
         if noise is None:
@@ -123,12 +118,7 @@ class Transport:
         pred = model(xt, t, **model_kwargs)
         if pred.shape != xt.shape:
             raise ConfigError(f"model output shape {tuple(pred.shape)} does not match its input {tuple(xt.shape)}")
-        flow = self._flow_loss(pred.float(), xt, t, noise, ut)
-        if regularizer is None:
-            return {"loss": flow, "flow": flow, "disp": torch.zeros((), device=flow.device), "pred": pred}
-        term = regularizer.loss()
-        disp = torch.stack(list(regularizer.last_values.values())).mean()  # the unweighted dispersive value
-        return {"loss": flow + term, "flow": flow, "disp": disp, "pred": pred}
+        return {"loss": self._flow_loss(pred.float(), xt, t, noise, ut), "pred": pred}
 
     def _flow_loss(self, pred, xt, t, x0, ut) -> torch.Tensor:
         if self.prediction == "velocity":

@@ -1,9 +1,9 @@
 """Cheap checks first: what a training run can get wrong is found before anything costs time or leaves files.
 
-`preflight` runs before the VAE is fetched and before a run folder is created: the flags (`validate`), the data
-folder and its size (at least one local batch per process), the input geometry the model needs when it is known
-without the VAE (pixels, the two hub VAEs, a local VAE folder, a latent cache), the wandb / tensorboard setup,
-and the output folder (writable, room for two checkpoints). `train()` runs it on every process at once
+`preflight` runs before the VAE is fetched and before a run folder is created (TrainConfig checked its own values
+when it was built): the data folder and its size (at least one local batch per process), the number of processes,
+the input geometry the model needs when it is known without the VAE (pixels, the two hub VAEs, a local VAE folder,
+a latent cache), the wandb / tensorboard setup, and the output folder (writable, room for two checkpoints). `train()` runs it on every process at once
 (`disploss.distributed.on_every_rank`), so under torchrun a mistake is reported once.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from disploss.errors import ConfigError
-from disploss.training.config import TrainConfig, validate
+from disploss.training.config import TrainConfig
 
 
 def preflight(cfg: TrainConfig, world: int, is_main: bool) -> torch.utils.data.Dataset:
@@ -27,10 +27,15 @@ def preflight(cfg: TrainConfig, world: int, is_main: bool) -> torch.utils.data.D
     """
     from disploss.models import create_model, parse_model_name
     from disploss.training.loader import build_dataset, steps_per_epoch
-    from disploss.training.rundir import checkpoint_size_bytes
-    from disploss.training.runlog import check_logging_setup
+    from disploss.training.run.folder import checkpoint_size_bytes
+    from disploss.training.run.log import check_logging_setup
 
-    validate(cfg, world)
+    if cfg.data_path is None and cfg.latents is None:
+        raise ConfigError("--data-path is required (or --latents DIR to train from cached latents)")
+    if cfg.global_batch_size % world:
+        raise ConfigError(
+            f"--global-batch-size {cfg.global_batch_size} is not divisible by the number of processes {world}"
+        )
     dataset = build_dataset(cfg)
     steps_per_epoch(len(dataset), world, cfg.global_batch_size // world)
     geometry = input_geometry(cfg, dataset)
@@ -40,7 +45,7 @@ def preflight(cfg: TrainConfig, world: int, is_main: bool) -> torch.utils.data.D
         check_logging_setup(wandb=cfg.wandb, tensorboard=cfg.tensorboard)
         need = 0
         # A fresh run's checkpoint size, from a model that holds no memory; a resumed run is checked against its
-        # checkpoint's real size once it is found (training/state.py, prepare_run_dir).
+        # checkpoint's real size once it is found (training/run/folder.py, prepare_run_dir).
         if geometry is not None and cfg.ckpt is None:
             with torch.device("meta"):
                 model = create_model(
@@ -61,7 +66,7 @@ def check_output_folder(results_dir: str, min_free_bytes: int) -> None:
     import shutil
 
     from disploss.fileio import check_folder_creatable
-    from disploss.training.rundir import InsufficientDiskSpaceError, format_bytes
+    from disploss.training.run.folder import InsufficientDiskSpaceError, format_bytes
 
     anchor = check_folder_creatable(results_dir, "--results-dir")
     free = shutil.disk_usage(anchor).free

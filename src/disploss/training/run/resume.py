@@ -1,5 +1,5 @@
-"""The state of a run across processes and restarts: where it resumes from, its checkpoints (weights, optimizer,
-step, every process's random state) and its run folder."""
+"""Where a run resumes from (`find_resume`: --ckpt latest | PATH, a run folder belongs to one experiment), the
+weights it loads, and every process's random state."""
 
 from __future__ import annotations
 
@@ -8,11 +8,8 @@ from pathlib import Path
 
 import torch
 
-from disploss import distributed as dist
-from disploss.errors import ConfigError, UsageError
+from disploss.errors import ConfigError
 from disploss.training.config import TrainConfig, experiment_differences
-
-CHECKPOINT_FORMAT = "disploss-train-v1"
 
 
 @dataclass
@@ -165,124 +162,3 @@ def restore_rng(states: list, rank: int, world: int, device: torch.device, logge
     torch.set_rng_state(states[rank]["cpu"])
     if device.type == "cuda" and "cuda" in states[rank]:
         torch.cuda.set_rng_state(states[rank]["cuda"], device)
-
-
-# -- checkpoints --------------------------------------------------------------------------------------------------
-def save_training_checkpoint(
-    run_dir: Path, step: int, epoch: int, model, ema, opt, config: dict, device, world: int, skipped: int, logger,
-    lock=None,
-) -> Path:  # fmt: skip
-    """Every process sends its random state; rank 0 writes `checkpoints/{step:07d}.pt` atomically, with each
-    tensor's checksum, then applies --keep-last / --keep-every; every process gets rank 0's outcome, so a failed
-    write (a full disk: one line naming the last good checkpoint) stops them all instead of leaving them waiting.
-
-    Returns:
-        The checkpoint's path.
-    """
-    from disploss.checkpoint import checkpoint_path, save_checkpoint
-    from disploss.training.retention import prune_checkpoints
-
-    rng = [rng_state(device)]
-    if world > 1:
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, rng[0])
-        rng = [{k: v.cpu() for k, v in s.items()} for s in gathered]
-    path = checkpoint_path(run_dir / "checkpoints", step)
-    error: Exception | None = None
-    if dist.is_main():
-        try:
-            if lock is not None:
-                lock.check()  # never write into a folder another job took over
-            state = {
-                "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": config,
-                "step": step, "epoch": epoch, "rng": rng, "skipped_steps": skipped, "format": CHECKPOINT_FORMAT,
-            }  # fmt: skip
-            save_checkpoint(path, state, checksums=True)
-            logger.info(f"saved checkpoint {path}")
-            prune_checkpoints(path.parent, config.get("keep_last"), config.get("keep_every"), step, logger)
-        except OSError as err:
-            error = _write_failure(path, err)
-        except Exception as err:  # sent to the other processes, then raised here with its traceback
-            error = err
-    if world > 1:  # also the barrier after rank 0's write
-        sent = error if error is None or isinstance(error, (OSError, UsageError)) else RuntimeError(
-            f"process 0 failed to write checkpoint {path}: {type(error).__name__}: {error}"
-        )  # fmt: skip
-        shared = dist.broadcast_object(sent)
-        if not dist.is_main() and shared is not None:  # printed once, by rank 0; the others stop quietly
-            error = dist.StoppedByAnotherProcess(f"stopped: process 0 failed ({shared})", 0)
-    if error is not None:
-        raise error
-    return path
-
-
-def _write_failure(path: Path, err: OSError) -> Exception:
-    """A one-line error for a checkpoint that could not be written, naming the last good one."""
-    import errno
-
-    from disploss.checkpoint import CheckpointWriteError, find_latest
-
-    if not isinstance(err, CheckpointWriteError) and err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
-        return err
-    last = find_latest(path.parent)
-    return CheckpointWriteError(
-        err.errno or errno.EIO,
-        f"cannot write checkpoint {path}: {err.strerror or err}; the last good checkpoint is "
-        f"{last if last is not None else 'none yet'}: free some space (or pass --keep-last K), then run the same "
-        "command with --ckpt latest",
-    )
-
-
-# -- the run folder -----------------------------------------------------------------------------------------------
-def prepare_run_dir(cfg: TrainConfig, resume: Resume, model: torch.nn.Module, is_main: bool, on_exit):
-    """Rank 0 checks the disk, creates a new experiment folder (or takes the resumed one) and locks it for this
-    job (the lock is released by `on_exit`, a contextlib.ExitStack); every rank gets the path, or rank 0's error
-    to raise, so that no rank waits forever for a folder that never comes.
-
-    Returns:
-        (run folder, its RunLock on rank 0 / None elsewhere).
-    """
-    import sys
-
-    from disploss.training.rundir import RunLock, check_writable, checkpoint_size_bytes, create_experiment_dir
-
-    result: str | Exception | None = None
-    lock = None
-    run_dir = resume.run_dir
-    if is_main:
-        try:
-            # Before anything is created: an unwritable --results-dir or a full disk stops the run here. Two
-            # checkpoints fit at once: the last one and the one being written beside it; their real size is the
-            # resumed checkpoint's, else the estimate from the model and the optimizer state.
-            size = Path(resume.path).stat().st_size if resume.step else checkpoint_size_bytes(model)
-            check_writable(run_dir or cfg.results_dir, min_free_bytes=2 * size)
-            if run_dir is None:
-                # A MeanFlow run says so in its folder's name: 000-SiT-B-2-Linear-meanflow-None
-                prediction = cfg.prediction if cfg.objective == "flow" else "meanflow"
-                run_dir = create_experiment_dir(cfg.results_dir, cfg.model, cfg.path_type, prediction, cfg.loss_weight)
-            lock = RunLock(run_dir, notify=lambda line: print(line, file=sys.stderr, flush=True)).acquire()
-            on_exit.callback(lock.release)
-            _remove_stale_temporaries(run_dir / "checkpoints")  # after the lock: never another job's save
-            result = str(run_dir)
-        except Exception as err:  # raised below, on every rank
-            result = err
-    result = dist.broadcast_object(result)
-    if isinstance(result, Exception):
-        raise result
-    return Path(result), lock
-
-
-def _remove_stale_temporaries(checkpoint_dir: Path) -> None:
-    # A run killed while writing a checkpoint leaves `.{step:07d}.pt.*.tmp` (as big as a checkpoint); nothing
-    # reads them, and repeated kills would fill the disk.
-    for tmp in checkpoint_dir.glob(".*.pt.*.tmp"):
-        tmp.unlink(missing_ok=True)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak allocated CUDA memory, or on the CPU the process's peak resident set, in GiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
