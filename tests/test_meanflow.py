@@ -483,10 +483,10 @@ def test_zero_steps_is_one_line(capsys, mf_ckpts, command):
 
 
 def test_sampler_settings():
-    from disploss.sampling.config import SamplerConfig
+    from disploss.sampling.config import MeanFlowConfig, ODEConfig
 
-    cfg = SamplerConfig(mode="MeanFlow", meanflow_steps=4)
+    cfg = MeanFlowConfig(num_sampling_steps=4)
     assert cfg.settings() == {"mode": "MeanFlow", "sampling_method": "uniform", "num_sampling_steps": 4}
     with pytest.raises(ValueError, match="--num-sampling-steps must be at least 1"):
-        SamplerConfig(mode="MeanFlow", meanflow_steps=0)
-    assert math.isclose(SamplerConfig().num_sampling_steps, 250)  # the flow modes keep theirs
+        MeanFlowConfig(num_sampling_steps=0)
+    assert math.isclose(ODEConfig().num_sampling_steps, 250)  # the flow modes keep theirs

@@ -15,7 +15,8 @@ import threading
 
 import pytest
 
-from disploss.training import loader, preemption
+from disploss.training import loader
+from disploss.training.run import preemption
 from trainkit import (
     SHIM,
     env,

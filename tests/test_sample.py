@@ -196,8 +196,7 @@ def test_default_labels():
 @pytest.mark.parametrize("mode", ["ODE", "SDE"])
 def test_cfg_one_shortcut_equals_the_doubled_batch(ckpts, mode):
     from disploss.commands.flags import config_from_namespace
-    from disploss.sampling.config import sampler_fn
-    from disploss.sampling.grid import SampleConfig
+    from disploss.sampling.config import SAMPLERS
     from disploss.sampling.guidance import as_doubled_noise as _as_doubled_noise
     from disploss.sampling.guidance import cfg_batch, guided_model_fn
     from disploss.transport import create_transport
@@ -206,7 +205,7 @@ def test_cfg_one_shortcut_equals_the_doubled_batch(ckpts, mode):
     model = ckpts["ema"]
     method = ["--sampling-method", "heun2"] if mode == "ODE" else []
     args = cli.build_parser("sample").parse_args([mode, *FAST, *method])
-    sampler = config_from_namespace(SampleConfig, args).sampler
+    sampler = config_from_namespace(SAMPLERS[mode], args)
     transport = create_transport()
     y = torch.tensor([0, 3, 4])
     batches = []
@@ -223,7 +222,7 @@ def test_cfg_one_shortcut_equals_the_doubled_batch(ckpts, mode):
     torch.manual_seed(0)
     z = torch.randn(3, 3, 8, 8)
     zz, yy = cfg_batch(z, y, model.num_classes, doubled=True)
-    ref = sampler_fn(sampler, transport, noise_fn=default_noise)(zz, fn, y=yy)[-1][:3]
+    ref = sampler(transport, fn, zz, yy, noise_fn=default_noise)[:3]
     assert set(batches) == {6}
     # The shortcut: plain forward on the undoubled batch, SDE increments drawn as the doubled batch would.
     batches.clear()
@@ -231,7 +230,7 @@ def test_cfg_one_shortcut_equals_the_doubled_batch(ckpts, mode):
     assert not doubled
     torch.manual_seed(0)
     z = torch.randn(3, 3, 8, 8)
-    out = sampler_fn(sampler, transport, noise_fn=_as_doubled_noise)(z, counting(fn), y=y)[-1]
+    out = sampler(transport, counting(fn), z, y, noise_fn=_as_doubled_noise)
     assert set(batches) == {3}
     # u + 1 * (c - u) is c up to float rounding, and batch size changes GEMM blocking: equal to ~1e-6.
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -102,14 +102,14 @@ def test_folder_name(tmp_path):
         "SiT-XL-2-0400000-size-256-vae-my-vae-cfg-1.5-seed-0-ODE-250-dopri5-guide-all-round"
     )
     # settings that change the images are in the name: the time grid of fixed steps, batch-coupled step control
-    from disploss.sampling.config import SamplerConfig
+    from disploss.sampling.config import ODEConfig
 
-    ab2 = SamplerConfig(ode_method="ab2", num_sampling_steps=11, time_schedule="power").settings()
+    ab2 = ODEConfig(sampling_method="ab2", num_sampling_steps=11, time_schedule="power").settings()
     assert sample_folder.folder_name({**config, **ab2}) == (
         "SiT-XL-2-0400000-size-256-vae-ema-cfg-1.5-seed-0-ODE-11-ab2-power1.5"
     )
-    batch = SamplerConfig(step_control="batch").settings()
-    assert batch["step_control"] == "batch" and "step_control" not in SamplerConfig(ode_method="euler").settings()
+    batch = ODEConfig(step_control="batch").settings()
+    assert batch["step_control"] == "batch" and "step_control" not in ODEConfig(sampling_method="euler").settings()
     assert sample_folder.folder_name({**config, **batch}).endswith("-ODE-250-dopri5-batchsteps")
 
 

@@ -39,12 +39,9 @@ def option(
     choices: tuple | None = None,
     check: Check | None = None,
     flag: str | None = None,
-    positional: bool = False,
-    negatable: bool = False,
     none_literal: bool = False,
     metavar: str | None = None,
     cli: bool = True,
-    modes: tuple[str, ...] | None = None,
     parse: Callable[[str], Any] | None = None,
     exclusive: str | None = None,
     default_factory: Any = dataclasses.MISSING,
@@ -57,28 +54,22 @@ def option(
         choices: the valid values (checked when the config is built, and by argparse).
         check: a function value -> None | reason, e.g. at_least(1).
         flag: the command-line flag (default: --field-name).
-        positional: a positional argument instead of a flag.
-        negatable: a bool flag with a --no- form.
         none_literal: the text 'None' parses to None (the reference's --loss-weight None).
         metavar: argparse metavar.
-        cli: False keeps the field out of the command line.
-        modes: for commands with modes (sample ODE / SDE): the modes that have this flag.
+        cli: False keeps the field out of the command line (the command sets it, e.g. the sampler of a MODE).
         parse: how the command line reads the text, for values that are not a plain int / float / str (raises
             ValueError with the reason).
         exclusive: fields with the same key are alternatives on the command line (at most one may be given).
     """
     metadata = {
-        "help": help, "choices": choices, "check": check, "flag": flag, "positional": positional,
-        "negatable": negatable, "none_literal": none_literal, "metavar": metavar, "cli": cli, "modes": modes,
-        "parse": parse, "exclusive": exclusive,
+        "help": help, "choices": choices, "check": check, "flag": flag, "none_literal": none_literal,
+        "metavar": metavar, "cli": cli, "parse": parse, "exclusive": exclusive,
     }  # fmt: skip
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 def flag_name(field: dataclasses.Field) -> str:
-    """The command-line name of a field: its `flag`, else --field-name (a positional: its name)."""
-    if field.metadata.get("positional"):
-        return field.name.upper()
+    """The command-line name of a field: its `flag`, else --field-name."""
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 

@@ -1,8 +1,9 @@
 """argparse flags generated from typed configs (disploss.options), and configs built back from parsed flags.
 
 Flag names are the field names with '_' -> '-' unless the field says otherwise (so the reference's flags keep
-their names and defaults). A field holding a nested config contributes that config's flags. A field with
-`modes` appears only in those modes' sub-parsers (sample ODE / SDE).
+their names and defaults). A field holding a nested config contributes that config's flags. Commands with modes
+(sample ODE | SDE | MeanFlow) get one sub-parser per mode, holding that mode's own config's flags beside the
+command's.
 
 Values are checked once, by the config's own checks: either when argparse reads them (`check_at_parse=True`:
 `argument --cfg-scale: must be >= 1.0 ...`, as the reference's sample scripts report it) or when the command
@@ -72,7 +73,6 @@ def add_config_arguments(
     parser: argparse.ArgumentParser,
     cls: type,
     *,
-    mode: str | None = None,
     check_at_parse: bool = False,
     defaults: Any = None,
     none_defaults: bool = False,
@@ -82,7 +82,6 @@ def add_config_arguments(
     Args:
         parser: the parser (or a mode's sub-parser).
         cls: a config dataclass whose fields were declared with disploss.options.option.
-        mode: the sub-parser's mode; fields restricted to other modes are left out.
         check_at_parse: apply the fields' checks while parsing (argparse's message) instead of when the config
             is built.
         defaults: an instance whose values are the flags' defaults (a nested config's default_factory).
@@ -95,13 +94,11 @@ def add_config_arguments(
         meta = field.metadata
         if meta.get("cli") is False:
             continue
-        if meta.get("modes") is not None and mode not in meta["modes"]:
-            continue
         kind = _base_type(hints[field.name])
         default = getattr(defaults, field.name) if defaults is not None else _field_default(field)
         if dataclasses.is_dataclass(kind):
             add_config_arguments(
-                parser, kind, mode=mode, check_at_parse=check_at_parse, defaults=default, none_defaults=none_defaults
+                parser, kind, check_at_parse=check_at_parse, defaults=default, none_defaults=none_defaults
             )
             continue
         kwargs: dict[str, Any] = {"help": meta.get("help", ""), "default": default}
@@ -111,7 +108,7 @@ def add_config_arguments(
                 kwargs["help"] += f" (default: {shown})"
             kwargs["default"] = None
         if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction if meta.get("negatable") else "store_true"
+            kwargs["action"] = "store_true"
         else:
             element = kind if kind is not tuple else int
             kwargs["type"] = _value_parser(field, element, check_at_parse)
@@ -122,11 +119,7 @@ def add_config_arguments(
                 kwargs["choices"] = [c for c in meta["choices"] if keep_none or c is not None]
             if meta.get("metavar"):
                 kwargs["metavar"] = meta["metavar"]
-        if meta.get("positional"):
-            if meta.get("choices") is None:
-                kwargs.pop("default")
-            parser.add_argument(field.name, **{k: v for k, v in kwargs.items() if k != "metavar"})
-        elif meta.get("exclusive"):
+        if meta.get("exclusive"):
             if meta["exclusive"] not in groups:
                 groups[meta["exclusive"]] = parser.add_mutually_exclusive_group()
             groups[meta["exclusive"]].add_argument(flag_name(field), dest=_dest(field), **kwargs)
@@ -135,8 +128,8 @@ def add_config_arguments(
 
 
 def _dest(field: dataclasses.Field) -> str:
-    # The flag's own name: --sampling-method is `sampling_method` in the namespace whichever mode's field it is.
-    return flag_name(field).lstrip("-").replace("-", "_") if not field.metadata.get("positional") else field.name
+    # The flag's own name (--meanflow-c is `meanflow_c`): nested configs may reuse a field name of another.
+    return flag_name(field).lstrip("-").replace("-", "_")
 
 
 def _field_default(field: dataclasses.Field) -> Any:
@@ -148,39 +141,46 @@ def _field_default(field: dataclasses.Field) -> Any:
 
 
 def add_mode_subparsers(
-    parser: argparse.ArgumentParser, cls: type, modes: tuple[str, ...], helps: dict, mode_defaults: dict | None = None,
+    parser: argparse.ArgumentParser, cls: type, modes: dict[str, type], helps: dict, mode_defaults: dict | None = None,
     **kwargs,
-):  # fmt: skip
-    """A positional MODE with one sub-parser per mode, each holding the flags of `cls` for that mode.
+) -> dict[str, argparse.ArgumentParser]:  # fmt: skip
+    """A positional MODE with one sub-parser per mode, each holding the flags of that mode's config and of `cls`;
+    returns {mode: its sub-parser}.
 
     Args:
+        modes: {mode: its config class} (the mode's own options, e.g. ODEConfig).
+        helps: {mode: one line}.
         mode_defaults: {mode: an instance of cls} whose values are that mode's flag defaults (e.g. MeanFlow's
             --cfg-scale 1); the other modes take cls's defaults.
     """
     sub = parser.add_subparsers(dest="mode", metavar="MODE", required=True, help=" or ".join(helps.values()))
     parser.epilog = "the flags of each mode: " + ", ".join(f"{parser.prog} {m} --help" for m in modes)
-    for mode in modes:
+    parsers = {}
+    for mode, mode_cls in modes.items():
         mode_parser = sub.add_parser(
             mode, help=helps[mode], description=parser.description, formatter_class=HelpFormatter
         )
-        add_config_arguments(mode_parser, cls, mode=mode, defaults=(mode_defaults or {}).get(mode), **kwargs)
+        add_config_arguments(mode_parser, mode_cls, **kwargs)
+        add_config_arguments(mode_parser, cls, defaults=(mode_defaults or {}).get(mode), **kwargs)
+        parsers[mode] = mode_parser
+    return parsers
 
 
-def config_from_namespace(cls: type, args: argparse.Namespace, defaults: Any = None):
+def config_from_namespace(cls: type, args: argparse.Namespace, defaults: Any = None, **given):
     """Build the config `cls` from parsed flags (nested configs included); fields without a flag keep their
-    defaults. Raises the config's ConfigError for an invalid value."""
+    defaults, fields in `given` take those values (e.g. the mode's sampler config). Raises the config's ConfigError
+    for an invalid value."""
     hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(given)
     for field in dataclasses.fields(cls):
+        if field.name in given:
+            continue
         kind = _base_type(hints[field.name])
         default = getattr(defaults, field.name) if defaults is not None else _field_default(field)
-        modes = field.metadata.get("modes")
-        if dataclasses.is_dataclass(kind):
+        if field.metadata.get("cli") is False:
+            values[field.name] = default
+        elif dataclasses.is_dataclass(kind):
             values[field.name] = config_from_namespace(kind, args, default)
-        elif modes is not None and getattr(args, "mode", None) not in modes:
-            values[field.name] = default  # another mode's flag
-        elif field.metadata.get("cli") is False and hasattr(args, field.name):
-            values[field.name] = getattr(args, field.name)  # e.g. the mode, set by its sub-parser
         elif hasattr(args, _dest(field)):
             values[field.name] = getattr(args, _dest(field))
         elif defaults is not None:

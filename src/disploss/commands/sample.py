@@ -11,19 +11,20 @@ import argparse
 
 from disploss.commands.flags import add_mode_subparsers, config_from_namespace
 from disploss.commands.report import guarded
-from disploss.sampling.config import MODE_HELP, MODES, mode_defaults
+from disploss.sampling.config import MODE_HELP, SAMPLERS, mode_defaults
 from disploss.sampling.grid import SampleConfig, sample_grid
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_mode_subparsers(
-        parser, SampleConfig, MODES, MODE_HELP, mode_defaults=mode_defaults(SampleConfig), check_at_parse=True
+        parser, SampleConfig, SAMPLERS, MODE_HELP, mode_defaults=mode_defaults(SampleConfig), check_at_parse=True
     )
 
 
 def run(args: argparse.Namespace) -> int:
     def go() -> int:
-        sample_grid(config_from_namespace(SampleConfig, args))
+        sampler = config_from_namespace(SAMPLERS[args.mode], args)
+        sample_grid(config_from_namespace(SampleConfig, args, sampler=sampler))
         return 0
 
     return guarded("sample", go)

@@ -15,19 +15,39 @@ import argparse
 from disploss import distributed as dist
 from disploss.commands.flags import add_mode_subparsers, config_from_namespace
 from disploss.commands.report import guarded
-from disploss.sampling.config import MODE_HELP, MODES, mode_defaults
+from disploss.errors import ConfigError
+from disploss.sampling.config import MODE_HELP, SAMPLERS, mode_defaults
 from disploss.sampling.ddp import SampleDDPConfig, sample_to_npz
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_mode_subparsers(
-        parser, SampleDDPConfig, MODES, MODE_HELP, mode_defaults=mode_defaults(SampleDDPConfig), check_at_parse=True
+    parsers = add_mode_subparsers(
+        parser, SampleDDPConfig, SAMPLERS, MODE_HELP, mode_defaults=mode_defaults(SampleDDPConfig), check_at_parse=True
     )
+    for mode_parser in parsers.values():
+        # The reference's --tf32 / --no-tf32: another spelling of --precision tf32 / fp32 (the command's business:
+        # the library has one precision setting).
+        mode_parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                                 help="the reference's flag: --tf32 is --precision tf32, --no-tf32 --precision fp32")  # fmt: skip
+        mode_parser.set_defaults(precision=None)  # to tell a --precision given from the default
+
+
+def _precision(args: argparse.Namespace) -> str:
+    """--precision, else the one --tf32 / --no-tf32 names, else tf32; contradicting ones are an error (bf16 runs what
+    autocast leaves in float32 with TF32, so --precision bf16 --tf32 agree)."""
+    if args.tf32 is None:
+        return args.precision or SampleDDPConfig.precision
+    named = "tf32" if args.tf32 else "fp32"
+    if args.precision is not None and args.precision != named and not (args.tf32 and args.precision == "bf16"):
+        raise ConfigError(f"--precision {args.precision} contradicts --{'no-' if not args.tf32 else ''}tf32")
+    return args.precision or named
 
 
 def run(args: argparse.Namespace) -> int:
     def go() -> int:
-        cfg = config_from_namespace(SampleDDPConfig, args)
+        args.precision = _precision(args)
+        sampler = config_from_namespace(SAMPLERS[args.mode], args)
+        cfg = config_from_namespace(SampleDDPConfig, args, sampler=sampler)
         info = dist.init(cfg.guidance.device)
         try:
             sample_to_npz(cfg, info)

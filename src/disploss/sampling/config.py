@@ -1,8 +1,8 @@
 """Typed settings of sampling, shared by `disploss sample` (a grid) and `disploss sample-ddp` (an .npz for FID).
 
-- `SamplerConfig`: the MODE (ODE | SDE, a positional sub-command as in the reference: `sample.py ODE --model ...`;
-  MeanFlow for models trained with `--objective meanflow`) and its own options; `sampler_fn` turns it into a sampling
-  function.
+- `ODEConfig`, `SDEConfig`, `MeanFlowConfig` (SAMPLERS, by MODE: a positional sub-command as in the reference,
+  `sample.py ODE --model ...`; MeanFlow for models trained with `--objective meanflow`): each mode's options; a
+  config called on noise returns the sample, calling the integrators directly (disploss.transport.sample_ode ...).
 - `ModelSpec`: which checkpoint, model, VAE and transport. Each field left None is taken from the checkpoint's
   stored training arguments (our checkpoints, and converted reference ones), else from its tensor shapes, else
   the reference default (disploss.sampling.load).
@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
 
 from disploss.errors import ConfigError
 from disploss.imageio import PIXEL_CONVERSIONS
@@ -37,21 +39,20 @@ MODE_HELP = {
     "SDE": "sample with the reverse-time SDE",
     "MeanFlow": "sample a MeanFlow model (train --objective meanflow) in --num-sampling-steps steps (default 1)",
 }
-MODES = ("ODE", "SDE", "MeanFlow")
-FLOW_MODES = ("ODE", "SDE")  # modes of flow-matching models; MeanFlow models take MeanFlow
 # The transport's last steps, None spelled 'None' as the reference's command line does.
 LAST_STEPS = tuple("None" if step is None else step for step in TRANSPORT_LAST_STEPS)
 REFERENCE_GUIDE_CHANNELS = 3
 
 __all__ = [
-    "FLOW_MODES",
+    "SAMPLERS",
     "GuidanceConfig",
     "LAST_STEPS",
-    "MODES",
+    "MeanFlowConfig",
     "ModelSpec",
+    "ODEConfig",
     "REFERENCE_GUIDE_CHANNELS",
+    "SDEConfig",
     "SamplerConfig",
-    "sampler_fn",
 ]
 
 
@@ -82,102 +83,154 @@ def check_cfg_scale(value: float) -> str | None:
     return f"must be >= 1.0 and finite (1 disables guidance; the published numbers use 1.5 or 4.0), got {value}"
 
 
-@dataclass(frozen=True)
-class SamplerConfig:
-    """The sampling mode and its options (the reference's flags and defaults of each mode)."""
+class _Sampler:
+    """What the three sampler configs share: their mode name, the settings recorded in sample folders, and the
+    call that turns noise into latents."""
 
-    mode: str = option("ODE", "ODE (probability flow, torchdiffeq), SDE (Euler-Maruyama / Heun) or MeanFlow (average "
-                       "velocity, few steps)", choices=MODES, cli=False)  # the sub-command, not a flag  # fmt: skip
+    mode: ClassVar[str]
+
+    def settings(self) -> dict:
+        """The options as a plain dict (recorded in sample folders, compared when a folder is continued)."""
+        return {
+            "mode": self.mode,
+            "sampling_method": self.sampling_method,
+            "num_sampling_steps": self.num_sampling_steps,
+        }
+
+    def describe(self) -> str:
+        """One line for logs, e.g. 'ODE dopri5, 250 grid points (adaptive: model calls unbounded)'."""
+        raise NotImplementedError
+
+    def __call__(self, transport, model_fn, z, y, *, noise_fn=None, doubled: bool = False) -> torch.Tensor:
+        """The sample of noise z (B, C, h, w) with labels y (B,): latents (B, C, h, w) (the guided half of a doubled
+        batch is the caller's to take).
+
+        Args:
+            transport: disploss.transport.Transport.
+            model_fn: fn(x, t, y) -> the model's output (disploss.sampling.guidance.guided_model_fn).
+            noise_fn: SDE only: the standard normals of the Brownian increments for a state x (default: the
+                reference's, on the global CPU generator).
+            doubled: z is the guidance batch [z; z] (disploss.sampling.guidance.cfg_batch): per-image adaptive steps
+                keep each image's two rows together.
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ODEConfig(_Sampler):
+    """`MODE ODE`: the probability-flow ODE (the reference's flags and defaults)."""
+
+    mode: ClassVar[str] = "ODE"
     num_sampling_steps: int = option(250, "points of the time grid (bounds the model calls of fixed-step methods only)",
-                                     check=at_least(2), modes=FLOW_MODES)  # fmt: skip
-    ode_method: str = option(
+                                     check=at_least(2))  # fmt: skip
+    sampling_method: str = option(
         "dopri5", f"one of {', '.join(ODE_METHODS)}. Fixed steps with exact model calls: euler (steps - 1), heun2 "
         "2 (steps - 1), ab2 (steps - 1), ab3 (steps); adaptive, each image its own steps: dopri5, bosh3, fehlberg2, "
-        "adaptive_heun; the rest: torchdiffeq", choices=ODE_METHODS, flag="--sampling-method", metavar="METHOD",
-        modes=("ODE",),
+        "adaptive_heun; the rest: torchdiffeq", choices=ODE_METHODS, metavar="METHOD",
     )  # fmt: skip
-    atol: float = option(1e-6, "absolute tolerance (adaptive methods)", check=positive, modes=("ODE",))
-    rtol: float = option(1e-3, "relative tolerance (adaptive methods)", check=positive, modes=("ODE",))
+    atol: float = option(1e-6, "absolute tolerance (adaptive methods)", check=positive)
+    rtol: float = option(1e-3, "relative tolerance (adaptive methods)", check=positive)
     time_schedule: str = option(
         "uniform", "time grid of the fixed-step methods: uniform (the reference's) or power (steps shrinking towards "
-        "the data end, see --time-rho)", choices=TIME_SCHEDULES, modes=("ODE",),
+        "the data end, see --time-rho)", choices=TIME_SCHEDULES,
     )  # fmt: skip
-    time_rho: float = option(1.5, "exponent of --time-schedule power (1: uniform)", check=at_least(1.0), modes=("ODE",))
+    time_rho: float = option(1.5, "exponent of --time-schedule power (1: uniform)", check=at_least(1.0))
     step_control: str = option(
         "per-image", "adaptive methods: per-image (each image's own error decides its steps: its result does not "
         "depend on its batch-mates, the batch size or the number of processes) or batch (torchdiffeq's and the "
-        "reference's: one step size for the whole batch)", choices=STEP_CONTROLS, modes=("ODE",),
+        "reference's: one step size for the whole batch)", choices=STEP_CONTROLS,
     )  # fmt: skip
-    reverse: bool = option(False, "integrate from data to noise", modes=("ODE",))
-    sde_method: str = option("Euler", "Euler-Maruyama or stochastic Heun", choices=SDE_METHODS,
-                             flag="--sampling-method", modes=("SDE",))  # fmt: skip
-    diffusion_form: str = option("sigma", "diffusion coefficient w(t) of the SDE", choices=DIFFUSION_FORMS,
-                                 modes=("SDE",))  # fmt: skip
-    diffusion_norm: float = option(1.0, "scale of w(t)", modes=("SDE",))
-    last_step: str = option("Mean", "deterministic last step from 1 - last-step-size to 1", choices=LAST_STEPS,
-                            modes=("SDE",))  # fmt: skip
-    last_step_size: float = option(0.04, "size of the last step", check=positive, modes=("SDE",))
-    meanflow_steps: int = option(
-        1, "equal steps from noise to data, exactly one model call each (1: one-step generation)", check=at_least(1),
-        flag="--num-sampling-steps", modes=("MeanFlow",),
-    )  # fmt: skip
+    reverse: bool = option(False, "integrate from data to noise")
 
     def __post_init__(self):
         check_options(self)
 
-    @property
-    def method(self) -> str:
-        """The sampling method of the mode."""
-        return {"ODE": self.ode_method, "SDE": self.sde_method}.get(self.mode, "uniform")
-
     def settings(self) -> dict:
-        """The mode's options as a plain dict (recorded in sample folders and compared on resume)."""
-        steps = self.meanflow_steps if self.mode == "MeanFlow" else self.num_sampling_steps
-        out = {"mode": self.mode, "sampling_method": self.method, "num_sampling_steps": steps}
-        if self.mode == "MeanFlow":
-            return out
-        if self.mode == "ODE":
-            out.update(atol=self.atol, rtol=self.rtol, reverse=self.reverse)
-            if self.ode_method in PER_IMAGE_METHODS:
-                out["step_control"] = self.step_control
-            if self.time_schedule != "uniform":
-                out.update(time_schedule=self.time_schedule, time_rho=self.time_rho)
-        else:
-            out.update(diffusion_form=self.diffusion_form, diffusion_norm=self.diffusion_norm,
-                       last_step=self.last_step, last_step_size=self.last_step_size)  # fmt: skip
+        out = {**super().settings(), "atol": self.atol, "rtol": self.rtol, "reverse": self.reverse}
+        if self.sampling_method in PER_IMAGE_METHODS:
+            out["step_control"] = self.step_control
+        if self.time_schedule != "uniform":
+            out.update(time_schedule=self.time_schedule, time_rho=self.time_rho)
         return out
 
+    def describe(self) -> str:
+        fixed = {"euler": 1, "ab2": 1, "heun2": 2}
+        steps = self.num_sampling_steps
+        if self.sampling_method in fixed or self.sampling_method == "ab3":
+            calls = steps if self.sampling_method == "ab3" else fixed[self.sampling_method] * (steps - 1)
+            return f"ODE {self.sampling_method}, {steps} grid points ({calls} model calls)"
+        return f"ODE {self.sampling_method}, {steps} grid points (adaptive: the model calls are not bounded)"
 
-def sampler_fn(cfg: SamplerConfig, transport, noise_fn: Callable | None = None, doubled: bool = False) -> Callable:
-    """The sampling function of the chosen mode: fn(x, model_fn, **model_kwargs), whose [-1] is the sample.
+    def __call__(self, transport, model_fn, z, y, *, noise_fn=None, doubled: bool = False) -> torch.Tensor:
+        from disploss.transport import sample_ode
 
-    Args:
-        cfg: the mode and its options.
-        transport: a disploss.transport.Transport.
-        noise_fn: SDE only: draws the standard normals of the Brownian increments for a state x
-            (default: the reference's, on the global CPU generator).
-        doubled: x will be the guidance batch [x; x] (disploss.sampling.guidance.cfg_batch): per-image adaptive
-            steps keep each image's two rows together.
-    """
-    from disploss.transport import Sampler
-    from disploss.transport.integrators import default_noise
+        return sample_ode(
+            transport, model_fn, z, method=self.sampling_method, num_steps=self.num_sampling_steps, atol=self.atol,
+            rtol=self.rtol, reverse=self.reverse, time_schedule=self.time_schedule, time_rho=self.time_rho,
+            step_control=self.step_control, tied_halves=doubled, y=y,
+        )[-1]  # fmt: skip
 
-    if cfg.mode == "MeanFlow":  # x = eps + u(eps, r=1, t=0) in one step; N equal steps (disploss.meanflow)
-        from disploss.meanflow import sample_meanflow
 
-        return lambda x, model_fn, **model_kwargs: sample_meanflow(model_fn, x, cfg.meanflow_steps, **model_kwargs)
-    sampler = Sampler(transport)
-    if cfg.mode == "ODE":
-        return sampler.sample_ode(
-            sampling_method=cfg.ode_method, num_steps=cfg.num_sampling_steps, atol=cfg.atol, rtol=cfg.rtol,
-            reverse=cfg.reverse, keep_trajectory=False, time_schedule=cfg.time_schedule, time_rho=cfg.time_rho,
-            step_control=cfg.step_control, tied_halves=doubled,
-        )  # fmt: skip
-    return sampler.sample_sde(
-        sampling_method=cfg.sde_method, diffusion_form=cfg.diffusion_form, diffusion_norm=cfg.diffusion_norm,
-        last_step=None if cfg.last_step == "None" else cfg.last_step, last_step_size=cfg.last_step_size,
-        num_steps=cfg.num_sampling_steps, noise_fn=noise_fn or default_noise, keep_trajectory=False,
-    )  # fmt: skip
+@dataclass(frozen=True)
+class SDEConfig(_Sampler):
+    """`MODE SDE`: the reverse-time SDE (the reference's flags and defaults)."""
+
+    mode: ClassVar[str] = "SDE"
+    num_sampling_steps: int = option(250, "points of the time grid", check=at_least(2))
+    sampling_method: str = option("Euler", "Euler-Maruyama or stochastic Heun", choices=SDE_METHODS)
+    diffusion_form: str = option("sigma", "diffusion coefficient w(t) of the SDE", choices=DIFFUSION_FORMS)
+    diffusion_norm: float = option(1.0, "scale of w(t)")
+    last_step: str = option("Mean", "deterministic last step from 1 - last-step-size to 1", choices=LAST_STEPS)
+    last_step_size: float = option(0.04, "size of the last step", check=positive)
+
+    def __post_init__(self):
+        check_options(self)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "diffusion_form": self.diffusion_form, "diffusion_norm": self.diffusion_norm,
+                "last_step": self.last_step, "last_step_size": self.last_step_size}  # fmt: skip
+
+    def describe(self) -> str:
+        return (f"SDE {self.sampling_method}, {self.num_sampling_steps} grid points, diffusion {self.diffusion_form}, "
+                f"last step {self.last_step}")  # fmt: skip
+
+    def __call__(self, transport, model_fn, z, y, *, noise_fn=None, doubled: bool = False) -> torch.Tensor:
+        from disploss.transport import sample_sde
+        from disploss.transport.integrators import default_noise
+
+        return sample_sde(
+            transport, model_fn, z, method=self.sampling_method, diffusion_form=self.diffusion_form,
+            diffusion_norm=self.diffusion_norm, last_step=None if self.last_step == "None" else self.last_step,
+            last_step_size=self.last_step_size, num_steps=self.num_sampling_steps, noise_fn=noise_fn or default_noise,
+            y=y,
+        )[-1]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MeanFlowConfig(_Sampler):
+    """`MODE MeanFlow`: a MeanFlow model (train --objective meanflow) in N equal steps (disploss.meanflow)."""
+
+    mode: ClassVar[str] = "MeanFlow"
+    num_sampling_steps: int = option(
+        1, "equal steps from noise to data, exactly one model call each (1: one-step generation)", check=at_least(1)
+    )
+    sampling_method: ClassVar[str] = "uniform"  # recorded as such in sample folders
+
+    def __post_init__(self):
+        check_options(self)
+
+    def describe(self) -> str:
+        n = self.num_sampling_steps
+        return f"MeanFlow, {n} step{'s' if n > 1 else ''} ({n} model call{'s' if n > 1 else ''})"
+
+    def __call__(self, transport, model_fn, z, y, *, noise_fn=None, doubled: bool = False) -> torch.Tensor:
+        from disploss.meanflow import sample_meanflow  # z + u(z, r=1, t=0) in one step
+
+        return sample_meanflow(model_fn, z, self.num_sampling_steps, y=y)[-1]
+
+
+SAMPLERS: dict[str, type] = {"ODE": ODEConfig, "SDE": SDEConfig, "MeanFlow": MeanFlowConfig}
+SamplerConfig = ODEConfig | SDEConfig | MeanFlowConfig
 
 
 @dataclass(frozen=True)
@@ -238,4 +291,4 @@ class GuidanceConfig:
 def mode_defaults(cls: type) -> dict:
     """{mode: an instance of the command's config `cls`} whose values are that mode's flag defaults: MeanFlow folds
     guidance into its training target, so it samples without guidance unless --cfg-scale asks for it."""
-    return {"MeanFlow": cls(sampler=SamplerConfig(mode="MeanFlow"), guidance=GuidanceConfig(cfg_scale=1.0))}
+    return {"MeanFlow": cls(sampler=MeanFlowConfig(), guidance=GuidanceConfig(cfg_scale=1.0))}

@@ -39,7 +39,7 @@ from disploss.errors import ConfigError
 from disploss.options import at_least, check_options, option
 from disploss.runtime import PRECISIONS
 from disploss.sampling.claims import BLOCK_SIZE
-from disploss.sampling.config import GuidanceConfig, ModelSpec, SamplerConfig
+from disploss.sampling.config import GuidanceConfig, ModelSpec, ODEConfig, SamplerConfig
 from disploss.sampling.folder import build_npz, folder_name, missing_indices, npz_image_count, prepare_folder
 
 DEFAULT_VAE = "ema"  # the reference's sample_ddp.py default (its sample.py uses mse)
@@ -50,31 +50,22 @@ STREAM_VERSION = 1  # bump if the per-image draws change, so that old folders ar
 class SampleDDPConfig:
     """Every setting of `disploss sample-ddp MODE`."""
 
-    sampler: SamplerConfig = option(default_factory=SamplerConfig)
+    sampler: SamplerConfig = option(default_factory=ODEConfig, cli=False)  # the MODE's options
     spec: ModelSpec = option(default_factory=ModelSpec)
     guidance: GuidanceConfig = option(default_factory=lambda: GuidanceConfig(cfg_scale=1.0))
     sample_dir: str = option("samples", "parent folder of the sample folders")
     per_proc_batch_size: int = option(4, "images per model batch on each process", check=at_least(1))
     num_fid_samples: int = option(50_000, "images in the .npz (indices 0 .. N-1)", check=at_least(1))
     global_seed: int = option(0, "seed of the per-image random streams", check=at_least(0))
-    tf32: bool | None = option(None, "TF32 matmuls (default: on, as the reference's --tf32)", negatable=True)
-    precision: str | None = option(
-        None, "fp32; tf32 = fp32 with TF32 matmuls on Ampere+ GPUs (the reference); bf16 = the model under bfloat16 "
-        "autocast (the solver state and the VAE stay fp32) (default: tf32, or fp32 with --no-tf32)",
-        choices=(None, *PRECISIONS),
+    precision: str = option(
+        "tf32", "fp32; tf32 = fp32 with TF32 matmuls on Ampere+ GPUs (the reference's --tf32, the default); bf16 = "
+        "the model under bfloat16 autocast (the solver state and the VAE stay fp32); --no-tf32 is --precision fp32",
+        choices=PRECISIONS,
     )  # fmt: skip
     compile: bool = option(False, "torch.compile the model function the solver calls (a warm-up compiles it)")
 
     def __post_init__(self):
         check_options(self)
-
-    def resolved_precision(self) -> tuple[str, bool]:
-        """(--precision, TF32 on?) from --precision and the reference's --tf32 / --no-tf32."""
-        precision = self.precision or ("fp32" if self.tf32 is False else "tf32")
-        if (precision == "tf32" and self.tf32 is False) or (precision == "fp32" and self.tf32):
-            raise ConfigError(f"--precision {precision} contradicts --{'no-' if self.tf32 is False else ''}tf32")
-        tf32 = precision != "fp32" if self.tf32 is None else self.tf32
-        return precision, tf32
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,7 +116,7 @@ def per_image_noise(generators: list[torch.Generator]):
 # The sample folder
 
 
-def sample_config(cfg: SampleDDPConfig, settings: dict, world_size: int, precision: str, tf32: bool) -> dict:
+def sample_config(cfg: SampleDDPConfig, settings: dict, world_size: int) -> dict:
     """The resolved settings recorded in the sample folder (plain JSON)."""
     g = cfg.guidance
     guided = g.cfg_scale > 1.0
@@ -149,8 +140,8 @@ def sample_config(cfg: SampleDDPConfig, settings: dict, world_size: int, precisi
         "per_proc_batch_size": cfg.per_proc_batch_size,
         "num_fid_samples": cfg.num_fid_samples,
         "world_size": world_size,
-        "precision": precision,
-        "tf32": tf32,
+        "precision": cfg.precision,
+        "tf32": cfg.precision != "fp32",
     }
 
 
@@ -173,22 +164,18 @@ def sample_to_npz(cfg: SampleDDPConfig, info, log: Callable[[str], None] = print
     from disploss.imageio import save_png, to_uint8
     from disploss.runtime import set_precision
     from disploss.sampling.claims import Claims
-    from disploss.sampling.config import sampler_fn
     from disploss.sampling.guidance import cfg_batch, check_guidance, guided_model_fn
     from disploss.sampling.load import describe, load_for_sampling
 
     started = time.time()
     g = cfg.guidance
-    precision, tf32 = cfg.resolved_precision()
     # Before the checkpoint and the VAE are loaded; every process stops if rank 0 cannot write there.
     dist.on_every_rank(lambda: check_folder_creatable(cfg.sample_dir, "--sample-dir") if info.is_main else None)
-    set_precision(precision)
-    torch.backends.cuda.matmul.allow_tf32 = tf32  # --tf32 / --no-tf32 win over the precision's default
-    torch.backends.cudnn.allow_tf32 = tf32
+    set_precision(cfg.precision)
     sm = load_for_sampling(cfg.spec, info.device, default_vae=DEFAULT_VAE, mode=cfg.sampler.mode)
     check_guidance(sm.model, g.guide_channels)
-    model_fn, doubled = guided_model_fn(sm.model, g.cfg_scale, g.guide_channels, precision == "bf16", cfg.compile)
-    config = sample_config(cfg, sm.settings, info.world_size, precision, tf32)
+    model_fn, doubled = guided_model_fn(sm.model, g.cfg_scale, g.guide_channels, cfg.precision == "bf16", cfg.compile)
+    config = sample_config(cfg, sm.settings, info.world_size)
     folder = Path(cfg.sample_dir) / folder_name(config)
     npz_path = folder.with_name(folder.name + ".npz")
 
@@ -216,9 +203,10 @@ def sample_to_npz(cfg: SampleDDPConfig, info, log: Callable[[str], None] = print
         z, y = draw_inputs(generators, latent_shape, model.num_classes)  # (B, C, h, w), (B,)
         z, y = z.to(info.device), y.to(info.device)
         z, y = cfg_batch(z, y, model.num_classes, doubled)  # (2B, ...) when doubled
-        solve = sampler_fn(cfg.sampler, sm.transport, noise_fn=per_image_noise(generators), doubled=doubled)
         with torch.no_grad():
-            latents = solve(z, model_fn, y=y)[-1][: len(indices)]  # (B, C, h, w)
+            latents = cfg.sampler(sm.transport, model_fn, z, y, noise_fn=per_image_noise(generators), doubled=doubled)[
+                : len(indices)
+            ]  # (B, C, h, w)
             images = sm.codec.decode(latents)  # (B, 3, H, W) in [-1, 1]
         for index, pixels in zip(indices, to_uint8(images, g.pixel_conversion)):
             save_png(pixels, folder / f"{index:06d}.png")

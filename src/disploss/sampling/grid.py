@@ -26,7 +26,14 @@ import torch
 from disploss.errors import ConfigError
 from disploss.options import at_least, check_options, option
 from disploss.runtime import PRECISIONS
-from disploss.sampling.config import GuidanceConfig, ModelSpec, SamplerConfig, parse_class_labels
+from disploss.sampling.config import (
+    GuidanceConfig,
+    MeanFlowConfig,
+    ModelSpec,
+    ODEConfig,
+    SamplerConfig,
+    parse_class_labels,
+)
 
 DEFAULT_VAE = "mse"  # the reference's sample.py default (its train.py and sample_ddp.py default to ema)
 
@@ -35,7 +42,7 @@ DEFAULT_VAE = "mse"  # the reference's sample.py default (its train.py and sampl
 class SampleConfig:
     """Every setting of `disploss sample MODE`."""
 
-    sampler: SamplerConfig = option(default_factory=SamplerConfig)
+    sampler: SamplerConfig = option(default_factory=ODEConfig, cli=False)  # the MODE's options
     spec: ModelSpec = option(default_factory=ModelSpec)
     guidance: GuidanceConfig = option(default_factory=GuidanceConfig)
     seed: int = option(0, "torch.manual_seed before drawing the initial noise")
@@ -74,7 +81,6 @@ def sample_grid(cfg: SampleConfig, log: Callable[[str], None] = print) -> Path:
     from disploss.fileio import check_output_file
     from disploss.imageio import save_grid, to_uint8
     from disploss.runtime import resolve_device, set_precision
-    from disploss.sampling.config import sampler_fn
     from disploss.sampling.guidance import as_doubled_noise, cfg_batch, check_guidance, guided_model_fn
     from disploss.sampling.load import describe, load_for_sampling
 
@@ -92,7 +98,6 @@ def sample_grid(cfg: SampleConfig, log: Callable[[str], None] = print) -> Path:
             f"(the model has {model.num_classes} classes)"
         )
     model_fn, doubled = guided_model_fn(model, g.cfg_scale, g.guide_channels, cfg.precision == "bf16", cfg.compile)
-    solve = sampler_fn(cfg.sampler, sm.transport, noise_fn=None if doubled else as_doubled_noise, doubled=doubled)
     log(describe(sm))
 
     n = len(labels)
@@ -102,7 +107,8 @@ def sample_grid(cfg: SampleConfig, log: Callable[[str], None] = print) -> Path:
     z, y = cfg_batch(z, y, model.num_classes, doubled)
     start = time.time()
     with torch.no_grad():
-        latents = solve(z, model_fn, y=y)[-1][:n]  # (B, C, h, w): the guided half
+        noise_fn = None if doubled else as_doubled_noise
+        latents = cfg.sampler(sm.transport, model_fn, z, y, noise_fn=noise_fn, doubled=doubled)[:n]  # the guided half
         images = sm.codec.decode(latents)  # (B, 3, H, W) in [-1, 1]
     log(f"Sampling took {time.time() - start:.2f} seconds.")
     pixels = to_uint8(images, g.pixel_conversion)  # (B, H, W, 3) uint8
@@ -113,7 +119,7 @@ def sample_grid(cfg: SampleConfig, log: Callable[[str], None] = print) -> Path:
     log(
         f"wrote {cfg.out}: {rows} x {min(n, nrow)} grid of {pixels.shape[1]}x{pixels.shape[2]} images"
         f"{f' (drawn {zoom}x larger)' if zoom > 1 else ''}, labels {','.join(map(str, labels))}, {cfg.sampler.mode} "
-        f"{cfg.sampler.method}, cfg {g.cfg_scale}"
+        f"{cfg.sampler.sampling_method}, cfg {g.cfg_scale}"
     )
     return Path(cfg.out)
 
@@ -137,7 +143,6 @@ def training_grid(
     training target): the grid shows what `sample.py MeanFlow` gives."""
     from disploss.imageio import save_grid, to_uint8
     from disploss.sampling.guidance import cfg_batch, guided_model_fn
-    from disploss.transport import Sampler
 
     classes, per_row = grid_labels(num_classes)
     y = torch.tensor([c for c in classes for _ in range(per_row)], device=device)
@@ -145,15 +150,12 @@ def training_grid(
     shape = (len(y), ema_model.in_channels, ema_model.input_size, ema_model.input_size)
     z = torch.randn(shape, generator=gen).to(device)
     if getattr(ema_model, "meanflow", False):
-        from disploss.meanflow import sample_meanflow
-
-        images = to_uint8(codec.decode(sample_meanflow(ema_model, z, 1, y=y)[-1]), mode="round")
-        save_grid(images, path, nrow=per_row, zoom=max(1, 64 // images.shape[1]))
-        return path
-    fn = Sampler(transport).sample_ode(sampling_method="heun2", num_steps=sample_steps, keep_trajectory=False)
+        sampler, cfg_scale = MeanFlowConfig(num_sampling_steps=1), 1.0
+    else:
+        sampler = ODEConfig(sampling_method="heun2", num_sampling_steps=sample_steps)
     model_fn, doubled = guided_model_fn(ema_model, cfg_scale, guide_channels=3)
     zz, yy = cfg_batch(z, y, num_classes, doubled)
-    out = fn(zz, model_fn, y=yy)[-1][: len(y)]
+    out = sampler(transport, model_fn, zz, yy, doubled=doubled)[: len(y)]
     images = to_uint8(codec.decode(out), mode="round")
     save_grid(images, path, nrow=per_row, zoom=max(1, 64 // images.shape[1]))  # tiny images: enlarged to see
     return path

@@ -16,6 +16,9 @@ from disploss.transport.sampler import (
     SDE_METHODS,
     STEP_CONTROLS,
     Sampler,
+    ode_likelihood,
+    sample_ode,
+    sample_sde,
 )
 from disploss.transport.transport import LOSS_WEIGHTS, PREDICTIONS, Transport, create_transport
 
@@ -39,4 +42,7 @@ __all__ = [
     "VPPath",
     "create_transport",
     "make_path",
+    "ode_likelihood",
+    "sample_ode",
+    "sample_sde",
 ]
