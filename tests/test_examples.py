@@ -1,4 +1,4 @@
-"""The examples of the README and examples/: they run, at a toy budget, and say what they claim.
+"""The examples of the docs and examples/: they run, at a toy budget, and say what they claim.
 
 Import-safe: nothing heavy is imported at collection; each test skips without diffusers (or scikit-learn)."""
 
@@ -26,11 +26,11 @@ def load_example(name: str):
     return module
 
 
-def readme_snippet(marker: str) -> str:
-    """The ```python block that follows `<!-- marker -->` in README.md."""
-    text = (ROOT / "README.md").read_text()
+def docs_snippet(marker: str) -> str:
+    """The ```python block that follows `<!-- marker -->` in docs/regularizer.md."""
+    text = (ROOT / "docs" / "regularizer.md").read_text()
     found = re.search(rf"<!-- {re.escape(marker)} -->\s*```python\n(.*?)```", text, re.S)
-    assert found, f"README.md has no python block after <!-- {marker} -->"
+    assert found, f"docs/regularizer.md has no python block after <!-- {marker} -->"
     return found.group(1)
 
 
@@ -82,18 +82,18 @@ def test_unet_example_trains_both_arms_and_writes_grids(tmp_path):
     assert all(v > 0 for v in summary["step_time_ratio"].values())
 
 
-def test_readme_dit_snippet_runs_and_its_term_is_the_dispersive_loss():
-    """Executes the README's DiTTransformer2DModel snippet as written, recording every module's output on the side
+def test_docs_dit_snippet_runs_and_its_term_is_the_dispersive_loss():
+    """Executes the DiTTransformer2DModel snippet as written, recording every module's output on the side
     (a global forward hook), and checks its dispersive values and total loss against an independent float64
     computation on the recorded block outputs."""
     pytest.importorskip("diffusers")
-    code = readme_snippet("snippet: dit")
+    code = docs_snippet("snippet: dit")
     outputs: dict[int, object] = {}
     handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: outputs.setdefault(id(m), o))
     try:
         torch.manual_seed(0)
         namespace: dict = {}
-        exec(compile(code, "README.md (DiT snippet)", "exec"), namespace)  # noqa: S102 - our own README
+        exec(compile(code, "docs/regularizer.md (DiT snippet)", "exec"), namespace)  # noqa: S102 - our own docs
     finally:
         handle.remove()
     model, reg = namespace["model"], namespace["reg"]
