@@ -1,16 +1,16 @@
-"""The digits experiment (`disploss experiment digits`): dispersive loss weighed against its baseline at a scale
-anyone can run.
+"""The digits experiment (`disploss experiment digits`, or `python -m experiments.digits` from the repository
+root): dispersive loss weighed against its baseline at a scale anyone can run.
 
     disploss experiment digits --threads 1          # baseline vs dispersive, seeds 0,1,2: ~20 min on 2 CPU cores
     disploss experiment digits --quick              # the same pipeline in under a minute (1 seed, tiny budget)
     disploss experiment digits --grid               # + every dispersive variant and a lambda x tau grid (hours)
     disploss experiment digits --meanflow           # + MeanFlow arms, and FID against the number of model calls
 
-`digits`: the demo's SiT (disploss.training.presets.demo: SiT-T/2, pixel space, the bundled scikit-learn digits) is trained by
-`disploss.training.train` for a fixed budget of steps in each arm and seed; checkpoints are written every
+`digits`: the demo's SiT (disploss.training.presets.demo: SiT-T/2, pixel space, the bundled scikit-learn digits) is
+trained by `disploss.training.train` for a fixed budget of steps in each arm and seed; checkpoints are written every
 steps / evals steps. From the EMA weights of every checkpoint the same class-balanced set of images is drawn with
 the same sampler (Heun ODE, fixed steps, fixed guidance scale, fixed noise: one generator seed shared by every
-arm, seed and checkpoint), and scored in the feature space of a small digit classifier (disploss.tools.digits.classifier,
+arm, seed and checkpoint), and scored in the feature space of a small digit classifier (experiments.digits.classifier,
 trained once on the "train" split, cached) against the real "holdout" digits:
     feature-FID   = Frechet distance of the feature Gaussians  (disploss.evaluation.metrics.frechet_distance)
     precision, recall = k-NN manifold precision / recall, k = 3 (disploss.evaluation.metrics.precision_recall)
@@ -56,8 +56,8 @@ from disploss.dispersive import ALL_VARIANTS, VARIANTS
 from disploss.errors import ConfigError
 from disploss.options import at_least, check_options, in_interval, option
 from disploss.runtime import DEVICES
-from disploss.tools.digits.classifier import ClassifierConfig
 from disploss.training.config import EXPERIMENT_FIELDS
+from experiments.digits.classifier import ClassifierConfig
 
 REFERENCES = ("holdout", "all")
 
