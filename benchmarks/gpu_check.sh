@@ -6,9 +6,9 @@
 #
 # Needs python3 with torch and numpy, the repository and nothing else (no network, no dataset, no VAE, no install:
 # our package runs from src/ through PYTHONPATH, the benchmark harness from benchmarks/bench; torchdiffeq is not
-# needed). Each run writes OUT/<name>.json and
-# OUT/<name>.log; a Markdown summary ends the output (benchmarks/summarize.py). Runs, in order, each cut off with
-# `timeout` so that a slow one cannot eat the others' time:
+# needed). Each run writes OUT/<name>.json and OUT/<name>.log; a Markdown summary ends the output
+# (benchmarks/summarize.py). Runs, in order, each cut off with `timeout` so that a slow one cannot eat the others'
+# time:
 #   1 latents   a synthetic latent cache in extract-latents' format (2048 images, 256 px -> 32x32x4)   ~5 s
 #   2 step      `disploss bench` train section: one SiT-XL/2 training step alone (bf16 + compile, batch 256,
 #               no dispersive term), synthetic latents already on the GPU: the step-only images/s        ~1.5-2 min
