@@ -27,8 +27,8 @@ demo: $(STAMP)
 
 # The layering contracts (import-linter) and ruff run before the tests: a broken layer fails `make test`.
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples train.py sample.py sample_ddp.py
-	$(BIN)/ruff format --check src tests benchmarks examples train.py sample.py sample_ddp.py
+	$(BIN)/ruff check src tests benchmarks examples experiments train.py sample.py sample_ddp.py
+	$(BIN)/ruff format --check src tests benchmarks examples experiments train.py sample.py sample_ddp.py
 	$(BIN)/lint-imports
 
 test: lint

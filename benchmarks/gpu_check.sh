@@ -5,9 +5,10 @@
 #   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh   # tiny settings on the CPU: checks this script in ~2 minutes
 #
 # Needs python3 with torch and numpy, the repository and nothing else (no network, no dataset, no VAE, no install:
-# our package runs from src/ through PYTHONPATH; torchdiffeq is not needed). Each run writes OUT/<name>.json and
-# OUT/<name>.log; a Markdown summary ends the output (benchmarks/summarize.py). Runs, in order, each cut off with
-# `timeout` so that a slow one cannot eat the others' time:
+# our package runs from src/ through PYTHONPATH, the benchmark harness from benchmarks/bench; torchdiffeq is not
+# needed). Each run writes OUT/<name>.json and OUT/<name>.log; a Markdown summary ends the output
+# (benchmarks/summarize.py). Runs, in order, each cut off with `timeout` so that a slow one cannot eat the others'
+# time:
 #   1 latents   a synthetic latent cache in extract-latents' format (2048 images, 256 px -> 32x32x4)   ~5 s
 #   2 step      `disploss bench` train section: one SiT-XL/2 training step alone (bf16 + compile, batch 256,
 #               no dispersive term), synthetic latents already on the GPU: the step-only images/s        ~1.5-2 min
@@ -85,7 +86,7 @@ bench() { local name=$1 limit=$2; shift 2; run "$name" "$limit" "$PY" -u -m disp
 
 # 1 latents
 rm -rf "$OUT/latents"
-run latents 60 "$PY" -m disploss.tools.bench.latents "$OUT/latents" --count "$COUNT" --image-size "$IMAGE" \
+run latents 60 "$PY" -m benchmarks.bench.latents "$OUT/latents" --count "$COUNT" --image-size "$IMAGE" \
   --num-classes "$CLASSES"
 
 # 2 the step alone (what train.py runs each step), one compile

@@ -140,9 +140,9 @@ def test_bad_arguments_are_one_line_errors(capsys, argv, expected):
 
 
 def test_sizes_and_defaults():
+    from benchmarks.bench.config import BenchConfig
     from disploss.commands.flags import config_from_namespace
     from disploss.commands.main import build_parser
-    from disploss.tools.bench.config import BenchConfig
 
     def resolve(args):
         return config_from_namespace(BenchConfig, args).resolved()
@@ -159,7 +159,7 @@ def test_sizes_and_defaults():
 
 
 def test_mfu_convention():
-    from disploss.tools.bench.harness import MFU as _MFU
+    from benchmarks.bench.harness import MFU as _MFU
 
     cuda = _MFU(torch.device("cuda"), "bf16", 989.0)(989e12)
     assert cuda == {"model_tflops": 989.0, "mfu": 1.0, "mfu_vs_measured_790": pytest.approx(989 / 790)}
@@ -200,8 +200,8 @@ def test_paths_section_measures_every_path_against_the_previous_default(tmp_path
 
 def test_synthetic_latent_cache_trains_like_a_real_one(tmp_path, capsys):
     # gpu_check.sh times train.py on a synthetic cache: it must be a complete cache in extract-latents' format
+    from benchmarks.bench.latents import write_synthetic_latents
     from disploss.data import LatentsDataset
-    from disploss.tools.bench.latents import write_synthetic_latents
     from trainkit import train_cli
 
     cache = write_synthetic_latents(tmp_path / "latents", count=20, image_size=64, num_classes=3, shard_size=8)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from disploss.commands.experiment import digits_config
 from disploss.commands.main import build_parser
 from disploss.dispersive import VARIANTS
 from disploss.errors import ConfigError
 from disploss.evaluation.metrics import compute_statistics, frechet_distance
-from disploss.tools import digits as ex
-from disploss.tools.digits import classifier as dc
+from experiments import digits as ex
+from experiments.digits import classifier as dc
+from experiments.digits.cli import digits_config
 
 QUICK_CLASSIFIER = ex.QUICK["classifier"]
 
@@ -335,7 +335,7 @@ def test_arm_list_runs_each_recipe_once_baseline_first():
 
 
 def test_screen_picks_the_best_tau_for_the_lambda_pass(monkeypatch):
-    from disploss.tools.digits import run as run_module
+    from experiments.digits import run as run_module
 
     fids = {"infonce_l2+tau=0.25": 90.0, "dispersive": 80.0, "infonce_l2+tau=4": 70.0, "infonce_l2+tau=16": 75.0}
     calls = []
@@ -355,7 +355,7 @@ def test_screen_picks_the_best_tau_for_the_lambda_pass(monkeypatch):
 
 
 def test_shards_split_the_runs_and_cover_them_once(monkeypatch, tmp_path):
-    from disploss.tools.digits import run as run_module
+    from experiments.digits import run as run_module
 
     trained, sampled = [], []
     monkeypatch.setattr(run_module, "_train_run", lambda tc: (trained.append(tc.results_dir) or tmp_path, 0.0, 0.0))

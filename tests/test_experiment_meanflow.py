@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from disploss.tools import digits as ex
-from disploss.tools.digits.scoring import sample_checkpoint
+from experiments import digits as ex
+from experiments.digits.scoring import sample_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ import torch
 
 from disploss.commands.main import main
 from disploss.errors import ConfigError
-from disploss.tools.digits import samplers as ex
+from experiments.digits import samplers as ex
 
 
 @pytest.fixture(scope="module")

@@ -156,7 +156,7 @@ def test_loss_plot_shows_the_pairwise_distance_against_tau(tmp_path, monkeypatch
 
 
 def test_demo_trains_on_one_thread_by_default_and_restores_threads(tmp_path, monkeypatch, capsys):
-    import disploss.tools.demo as demo
+    import disploss.commands.demo as demo
 
     run, _ = _fake_run(tmp_path, disp=True)
     seen = []

@@ -120,7 +120,7 @@ def test_extract_latents_out_checked_before_the_vae(tmp_path, capsys, monkeypatc
 
 
 def test_bench_json_checked_before_the_benchmarks(tmp_path, capsys, monkeypatch):
-    import disploss.tools.bench.sections as sections
+    import benchmarks.bench.sections as sections
 
     monkeypatch.setattr(sections, "bench", lambda *a, **k: pytest.fail("benchmarked first"))
     (tmp_path / "file").write_text("")

@@ -1,4 +1,4 @@
-"""The sampling sections of `disploss bench` (see disploss.tools.bench.sections): `sample`, each sampler's images/s
+"""The sampling sections of `disploss bench` (see benchmarks.bench.sections): `sample`, each sampler's images/s
 and model calls per image, and `paths`, the sampling code paths (per-image step control, fixed steps, compile,
 bf16) against the previous default, interleaved batch by batch."""
 
@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from disploss.tools.bench.config import BenchConfig
-from disploss.tools.bench.harness import MFU, log, sync, time_interleaved
+from benchmarks.bench.config import BenchConfig
+from benchmarks.bench.harness import MFU, log, sync, time_interleaved
 
 
 def bench_sampling(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:

@@ -1,13 +1,14 @@
-"""Feature-FID against model calls for every sampler, on trained digits models (`disploss experiment samplers`).
+"""Feature-FID against model calls for every sampler, on trained digits models (`disploss experiment samplers`, or
+`python -m experiments.digits samplers` from the repository root).
 
     disploss experiment samplers --threads 1     # 3 baseline digits models, 22 settings: ~30 min on an idle CPU thread
     disploss experiment samplers --quick         # the same pipeline in about a minute
 
-The models are the baseline arm of the digits experiment (disploss.tools.digits.config: SiT-T/2, 8x8 px, pixel
+The models are the baseline arm of the digits experiment (experiments.digits.config: SiT-T/2, 8x8 px, pixel
 space, 800 steps, EMA 0.99), one per seed, trained by disploss.training.train (or reused from --runs-dir). From the
 final EMA weights of each, the same 1000 class-balanced labels and initial noise (the digits experiment's) are
 sampled with every setting in --samplers, without guidance, and scored in the digit classifier's feature space
-against the real held-out digits (feature-FID, precision, recall, class accuracy, disploss.tools.digits.scoring).
+against the real held-out digits (feature-FID, precision, recall, class accuracy, experiments.digits.scoring).
 
 Per setting and seed it records NFE, the model evaluations per image (counted by a wrapper as rows evaluated /
 images, so a per-image adaptive solver's shrinking batch counts exactly), and the solver error: the RMS distance of
@@ -40,7 +41,7 @@ import torch
 from disploss.errors import ConfigError
 from disploss.options import at_least, check_options, option
 from disploss.runtime import DEVICES
-from disploss.tools.digits.config import int_list
+from experiments.digits.config import int_list
 
 REFERENCE_SETTING = "ode:dopri5:tol1e-5"  # the accurate solution that the solver error is measured against
 DEFAULT_SETTING = "ode:dopri5"  # the commands' default sampler: the comparison for FID
@@ -117,8 +118,8 @@ class SamplersConfig:
 
     def digits(self):
         """The DigitsConfig whose baseline runs are the models."""
-        from disploss.tools.digits.classifier import ClassifierConfig
-        from disploss.tools.digits.config import DigitsConfig
+        from experiments.digits.classifier import ClassifierConfig
+        from experiments.digits.config import DigitsConfig
 
         runs = self.runs_dir if self.runs_dir is not None else str(Path(self.out) / "runs")
         # evals=4 as the digits experiment: the run folders (named by a hash of the training settings) are shared
@@ -163,7 +164,7 @@ def sample_setting(model, transport, setting: str, labels, noise, batch_size: in
 def _cached(cache: Path, make):
     # (samples, nfe, wall s, cpu s) from the cache, or made and cached
     from disploss.fileio import atomic_write, atomic_write_json
-    from disploss.tools.digits.scoring import cpu_seconds
+    from experiments.digits.scoring import cpu_seconds
 
     meta = cache.with_suffix(".json")
     if cache.is_file() and meta.is_file():
@@ -198,11 +199,11 @@ def _run(cfg: SamplersConfig, log) -> dict:
     from disploss.evaluation.metrics import compute_statistics
     from disploss.fileio import atomic_write_bytes, atomic_write_json
     from disploss.imageio import to_uint8
-    from disploss.tools.digits.classifier import classify, load_or_train, split_arrays
-    from disploss.tools.digits.config import BASELINE, train_config
-    from disploss.tools.digits.run import _environment, _train_run
-    from disploss.tools.digits.scoring import sample_plan, score
     from disploss.transport import create_transport
+    from experiments.digits.classifier import classify, load_or_train, split_arrays
+    from experiments.digits.config import BASELINE, train_config
+    from experiments.digits.run import _environment, _train_run
+    from experiments.digits.scoring import sample_plan, score
 
     dcfg = cfg.digits()
     out = Path(cfg.out)

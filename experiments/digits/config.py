@@ -1,16 +1,16 @@
-"""The digits experiment (`disploss experiment digits`): dispersive loss weighed against its baseline at a scale
-anyone can run.
+"""The digits experiment (`disploss experiment digits`, or `python -m experiments.digits` from the repository
+root): dispersive loss weighed against its baseline at a scale anyone can run.
 
     disploss experiment digits --threads 1          # baseline vs dispersive, seeds 0,1,2: ~20 min on 2 CPU cores
     disploss experiment digits --quick              # the same pipeline in under a minute (1 seed, tiny budget)
     disploss experiment digits --grid               # + every dispersive variant and a lambda x tau grid (hours)
     disploss experiment digits --meanflow           # + MeanFlow arms, and FID against the number of model calls
 
-`digits`: the demo's SiT (disploss.tools.demo.DEMO: SiT-T/2, pixel space, the bundled scikit-learn digits) is trained by
-`disploss.training.train` for a fixed budget of steps in each arm and seed; checkpoints are written every
+`digits`: the demo's SiT (disploss.training.presets.demo: SiT-T/2, pixel space, the bundled scikit-learn digits) is
+trained by `disploss.training.train` for a fixed budget of steps in each arm and seed; checkpoints are written every
 steps / evals steps. From the EMA weights of every checkpoint the same class-balanced set of images is drawn with
 the same sampler (Heun ODE, fixed steps, fixed guidance scale, fixed noise: one generator seed shared by every
-arm, seed and checkpoint), and scored in the feature space of a small digit classifier (disploss.tools.digits.classifier,
+arm, seed and checkpoint), and scored in the feature space of a small digit classifier (experiments.digits.classifier,
 trained once on the "train" split, cached) against the real "holdout" digits:
     feature-FID   = Frechet distance of the feature Gaussians  (disploss.evaluation.metrics.frechet_distance)
     precision, recall = k-NN manifold precision / recall, k = 3 (disploss.evaluation.metrics.precision_recall)
@@ -56,8 +56,8 @@ from disploss.dispersive import ALL_VARIANTS, VARIANTS
 from disploss.errors import ConfigError
 from disploss.options import at_least, check_options, in_interval, option
 from disploss.runtime import DEVICES
-from disploss.tools.digits.classifier import ClassifierConfig
 from disploss.training.config import EXPERIMENT_FIELDS
+from experiments.digits.classifier import ClassifierConfig
 
 REFERENCES = ("holdout", "all")
 
@@ -173,7 +173,7 @@ class Arm:
 
 BASELINE = Arm("baseline", disp=False)
 DISPERSIVE = Arm("dispersive", disp=True)  # the release's default: InfoNCE-L2, lambda 0.25, tau 1, last block
-# The demo's recipe (disploss.tools.demo.DEMO): InfoNCE with cosine distance, lambda 0.25, tau 0.5.
+# The demo's recipe (disploss.training.presets.demo): InfoNCE with cosine distance, lambda 0.25, tau 0.5.
 DISPERSIVE_COSINE = Arm("dispersive_cosine", disp=True, variant="infonce_cosine", weight=0.25, tau=0.5)
 
 
@@ -347,9 +347,9 @@ def train_config(cfg: DigitsConfig, arm: Arm, seed: int):
     Its results_dir holds a hash of the settings that shape the run, so a changed setting never resumes another
     run's checkpoints.
     """
-    from disploss.tools.demo import demo_config
+    from disploss.training import presets
 
-    base = demo_config("", cfg.steps, disp=arm.disp, seed=seed, device=cfg.device)
+    base = presets.demo("", cfg.steps, disp=arm.disp, seed=seed, device=cfg.device)
     tc = dataclasses.replace(
         base, image_size=cfg.image_size, global_batch_size=cfg.batch_size, ema_decay=cfg.ema_decay,
         ckpt_every=cfg.steps // cfg.evals, sample_every=0, log_every=max(1, min(100, cfg.steps // 10)),

@@ -1,4 +1,5 @@
-"""The benchmark (`disploss bench`): throughput of training, of the dispersive term and of sampling; MFU on CUDA.
+"""The benchmark (`disploss bench`, or `python -m benchmarks.bench` from the repository root): throughput of
+training, of the dispersive term and of sampling; MFU on CUDA.
 
 Sections (--sections, all by default):
   train   a full training step, the very `train_step` that `disploss train` runs (forward, backward, gradient
@@ -7,10 +8,10 @@ Sections (--sections, all by default):
           other blocks, e.g. all), interleaved step by step so that all variants see the same machine load;
           images/s, peak memory, the dispersive term's share of the step and each regulariser's step-time ratio
           against none; with --reference-path also the reference code's model and loss, side by side; with
-          --meanflow also the step of `train --objective meanflow` (disploss.tools.bench.meanflow).
+          --meanflow also the step of `train --objective meanflow` (benchmarks.bench.meanflow).
   disp    the dispersive loss alone (forward + backward): ours against the reference's formula.
   sample  sampling images/s and model evaluations (NFE) per image for each sampler, counted by a wrapper
-          (this section and `paths`: disploss.tools.bench.sampling).
+          (this section and `paths`: benchmarks.bench.sampling).
   profile training steps (the train section's, without the dispersive term) under torch.profiler: the ops by
           device time and their share in groups (attention, matmuls, optimizer, the rest), a Chrome trace beside --json.
   paths   the code paths of sampling against the previous default, interleaved batch by batch in one run: adaptive
@@ -39,9 +40,8 @@ from collections.abc import Callable
 
 import torch
 
-from disploss.runtime import autocast, set_precision
-from disploss.tools.bench.config import BenchConfig, block_specs
-from disploss.tools.bench.harness import (
+from benchmarks.bench.config import BenchConfig, block_specs
+from benchmarks.bench.harness import (
     DATASHEET_PEAK_TFLOPS,
     MFU,
     loadavg,
@@ -52,8 +52,9 @@ from disploss.tools.bench.harness import (
     time_fn,
     time_interleaved,
 )
-from disploss.tools.bench.reference import reference_training
-from disploss.tools.bench.sampling import bench_paths, bench_sampling
+from benchmarks.bench.reference import reference_training
+from benchmarks.bench.sampling import bench_paths, bench_sampling
+from disploss.runtime import autocast, set_precision
 
 
 def bench(cfg: BenchConfig) -> dict:
@@ -162,8 +163,8 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
 
     selected = {f"ours_{v}" for v in cfg.train_variants.split(",")}  # --train-variants; --disp-blocks always
     variants = {name: ours(name) for name in ("ours_nodisp", *regularizers) if name in selected or "[" in name}
-    if cfg.meanflow:  # the MeanFlow step beside the flow step, same batch (disploss.tools.bench.meanflow)
-        from disploss.tools.bench import meanflow as mf_bench
+    if cfg.meanflow:  # the MeanFlow step beside the flow step, same batch (benchmarks.bench.meanflow)
+        from benchmarks.bench import meanflow as mf_bench
 
         mf_steps, mf_parts = mf_bench.meanflow_variants(cfg, model, x, y, device, lambda p: _adamw(p, cfg.adamw))
         variants.update(mf_steps)

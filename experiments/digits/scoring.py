@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from disploss.errors import ConfigError
-from disploss.tools.digits.config import DigitsConfig, SamplerSpec
+from experiments.digits.config import DigitsConfig, SamplerSpec
 
 
 def sample_plan(
@@ -105,7 +105,7 @@ def _solver(sampler, spec: SamplerSpec | None, sample_steps: int, meanflow: bool
 def score(classifier, ref_features: np.ndarray, ref_stats, images: np.ndarray, labels: np.ndarray) -> dict:
     """feature-FID, precision, recall and class accuracy of uint8 images against the reference features."""
     from disploss.evaluation.metrics import compute_statistics, frechet_distance, precision_recall
-    from disploss.tools.digits.classifier import classify
+    from experiments.digits.classifier import classify
 
     feats, preds = classify(classifier, images)
     mu, sigma = compute_statistics(feats)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from disploss.errors import ConfigError
-from disploss.tools.digits.config import NFE_SWEEP, RESULTS_SCHEMA, DigitsConfig, primary_spec, train_config
-from disploss.tools.digits.report import (
+from experiments.digits.config import NFE_SWEEP, RESULTS_SCHEMA, DigitsConfig, primary_spec, train_config
+from experiments.digits.report import (
     paired_differences,
     plot_fid,
     plot_fid_vs_nfe,
@@ -23,7 +23,7 @@ from disploss.tools.digits.report import (
     summarise_nfe,
     write_grid,
 )
-from disploss.tools.digits.scoring import cpu_seconds, sample_plan, samples_for, score
+from experiments.digits.scoring import cpu_seconds, sample_plan, samples_for, score
 
 
 def _train_run(tc) -> tuple[Path, float, float]:
@@ -69,7 +69,7 @@ def run_screen(cfg: DigitsConfig, log=print) -> dict:
     """The screen (experiments/digits/README.md): the first pass (baseline and screen_arms), then InfoNCE-L2 with
     lambda 0.05 and 1 at the tau whose last-block arm scored the lowest final feature-FID; one results.json with
     every arm (the first pass's runs are reused, not trained again)."""
-    from disploss.tools.digits.config import Arm, lambda_arms
+    from experiments.digits.config import Arm, lambda_arms
 
     screen = dataclasses.replace(cfg, screen=True)
     first = run_digits(screen, log)
@@ -126,7 +126,7 @@ def run_digits(cfg: DigitsConfig, log=print) -> dict:
 def _run_digits(cfg: DigitsConfig, log=print) -> dict:
     from disploss.evaluation.metrics import compute_statistics, frechet_distance, precision_recall
     from disploss.fileio import atomic_write_bytes, atomic_write_json
-    from disploss.tools.digits.classifier import classify, load_or_train, split_arrays
+    from experiments.digits.classifier import classify, load_or_train, split_arrays
 
     t_start, cpu_start = time.time(), cpu_seconds()
     load_start = os.getloadavg()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from disploss.tools.digits.config import METRICS
+from experiments.digits.config import METRICS
 
 DIAG_STATS = ("rms", "unsaturated", "effective_rank")
 

@@ -42,7 +42,7 @@ def block_specs(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Every flag of `disploss bench` (see disploss.tools.bench.sections for what each section measures)."""
+    """Every flag of `disploss bench` (see benchmarks.bench.sections for what each section measures)."""
 
     sections: str = option("train,disp,sample", f"comma list of {', '.join(SECTIONS)}")
     quick: bool = option(False, f"tiny settings for CI, seconds on a CPU: {QUICK}")

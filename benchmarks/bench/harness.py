@@ -126,8 +126,18 @@ def meta(cfg, device, model, macs: float, peak: float) -> dict:
         "peak_mem": "torch.cuda.max_memory_allocated during the variant's calls" if device.type == "cuda" else
                     "process peak resident set (VmHWM) during the variant's calls: every model of the process and "
                     "memory the allocator keeps are included, so it is not a per-variant footprint",
-        "command": " ".join(["disploss", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else None,
+        "command": command_line(),
     }  # fmt: skip
+
+
+def command_line() -> str | None:
+    """The command line of this process if it is the benchmark's: `disploss bench ...` or `python -m
+    benchmarks.bench ...`; None when the benchmark runs inside another program (a test)."""
+    if sys.argv[1:2] == ["bench"]:
+        return " ".join(["disploss", "bench", *sys.argv[2:]])
+    if Path(sys.argv[0]).parts[-3:] == ("benchmarks", "bench", "__main__.py"):
+        return " ".join(["python", "-m", "benchmarks.bench", *sys.argv[1:]])
+    return None
 
 
 def log(msg: str) -> None:

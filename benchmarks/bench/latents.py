@@ -1,6 +1,6 @@
 """A synthetic latent cache for timing `train.py --latents` where no dataset or VAE is at hand (the GPU check).
 
-    python -m disploss.tools.bench.latents OUT --count 2048 --image-size 256 --num-classes 1000
+    python -m benchmarks.bench.latents OUT --count 2048 --image-size 256 --num-classes 1000
 
 The cache has the format of `disploss extract-latents` (disploss.data.latents): posterior means ~ N(0, 1) and stds
 0.1 for each image and its flip, uniform labels, the SD-VAE's scale 0.18215. train.py reads it like a real one, so

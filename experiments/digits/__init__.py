@@ -1,7 +1,10 @@
 """The digits experiment: its configuration and arms (config), sampling and scoring in a digit classifier's
-feature space (scoring, classifier), summaries, tables and plots (report), and the orchestration (run)."""
+feature space (scoring, classifier), summaries, tables and plots (report), the orchestration (run), the samplers'
+feature-FID against model calls (samplers) and the command line (cli: `python -m experiments.digits`, and
+`disploss experiment` in a checkout). Its results live beside it, in this folder. Built on the public API of the
+disploss library; not part of the installed package."""
 
-from disploss.tools.digits.config import (
+from experiments.digits.config import (
     BASELINE,
     DISPERSIVE,
     DISPERSIVE_COSINE,
@@ -17,9 +20,9 @@ from disploss.tools.digits.config import (
     grid_arms,
     train_config,
 )
-from disploss.tools.digits.report import paired_differences, render_markdown, summarise
-from disploss.tools.digits.run import run_digits
-from disploss.tools.digits.scoring import sample_checkpoint, sample_plan, score
+from experiments.digits.report import paired_differences, render_markdown, summarise
+from experiments.digits.run import run_digits
+from experiments.digits.scoring import sample_checkpoint, sample_plan, score
 
 __all__ = [
     "BASELINE",
