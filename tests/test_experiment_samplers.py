@@ -70,16 +70,22 @@ def test_rerun_reuses_the_samples(quick, monkeypatch):
 @pytest.mark.parametrize(
     "text,fields",
     [
-        ("ode:dopri5", {"mode": "ODE", "ode_method": "dopri5"}),
+        ("ode:dopri5", {"mode": "ODE", "sampling_method": "dopri5"}),
         (
             "ode:ab2:11:power1.5",
-            {"mode": "ODE", "ode_method": "ab2", "num_sampling_steps": 11, "time_schedule": "power", "time_rho": 1.5},
+            {
+                "mode": "ODE",
+                "sampling_method": "ab2",
+                "num_sampling_steps": 11,
+                "time_schedule": "power",
+                "time_rho": 1.5,
+            },
         ),  # fmt: skip
         (
             "ode:dopri5:batch:tol1e-5",
-            {"mode": "ODE", "ode_method": "dopri5", "step_control": "batch", "atol": 1e-5, "rtol": 1e-5},
+            {"mode": "ODE", "sampling_method": "dopri5", "step_control": "batch", "atol": 1e-5, "rtol": 1e-5},
         ),  # fmt: skip
-        ("sde:Euler:50", {"mode": "SDE", "sde_method": "Euler", "num_sampling_steps": 50}),
+        ("sde:Euler:50", {"mode": "SDE", "sampling_method": "Euler", "num_sampling_steps": 50}),
     ],
 )
 def test_setting_grammar(text, fields):

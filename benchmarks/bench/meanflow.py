@@ -23,8 +23,8 @@ def meanflow_variants(cfg, model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     from disploss.models import create_model
     from disploss.training import TrainConfig
     from disploss.training.ema import EMA
-    from disploss.training.objective import build_regularizer, meanflow_objective
-    from disploss.training.step import StepParts, train_step
+    from disploss.training.objective import Objective, build_regularizer
+    from disploss.training.step import StepOptions, train_step
 
     with device:
         mf = create_model(
@@ -38,16 +38,14 @@ def meanflow_variants(cfg, model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     regularizer = build_regularizer(mf, run_cfg)
     net = torch.compile(mf) if cfg.compile else mf  # the pass with gradient; the JVP runs eagerly on `mf`
     optimizer, ema = opt(mf.parameters()), EMA(mf)
-    params = [p for p in mf.parameters() if p.requires_grad]
+    options = StepOptions(precision=cfg.precision)
 
     def variant(disp: bool) -> Callable[[], None]:
-        objective = meanflow_objective(MeanFlowSettings(), regularizer if disp else None)
-        parts = StepParts(net=net, objective=objective, opt=optimizer, ema=ema, params=params, device=device,
-                          precision=cfg.precision)  # fmt: skip
+        objective = Objective(None, regularizer if disp else None, meanflow=MeanFlowSettings())
 
         def step() -> None:
             regularizer.enabled = disp
-            train_step(parts, x, y)
+            train_step(net, objective, optimizer, ema, x, y, options)
 
         return step
 

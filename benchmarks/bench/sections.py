@@ -117,8 +117,8 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
     from disploss.training import TrainConfig
     from disploss.training.config import disp_blocks
     from disploss.training.ema import EMA
-    from disploss.training.objective import build_regularizer, flow_objective
-    from disploss.training.step import StepParts, train_step
+    from disploss.training.objective import Objective, build_regularizer
+    from disploss.training.step import StepOptions, train_step
     from disploss.transport import create_transport
 
     model.train()
@@ -129,7 +129,7 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
     opt = _adamw(model.parameters(), cfg.adamw)
     ema = EMA(model)
     net = torch.compile(model) if cfg.compile else model
-    params = [p for p in model.parameters() if p.requires_grad]
+    options = StepOptions(precision=cfg.precision)
 
     # The regularisers of `disploss train --disp` (last block: ours_disp) and of `--disp-block SPEC` for each
     # --disp-blocks value (ours_disp[SPEC]); each is enabled only during the steps of its variant.
@@ -147,15 +147,12 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
     }  # fmt: skip
 
     def ours(variant: str) -> Callable[[], None]:
-        objective = flow_objective(transport, regularizers.get(variant))
-        parts = StepParts(
-            net=net, objective=objective, opt=opt, ema=ema, params=params, device=device, precision=cfg.precision
-        )
+        objective = Objective(transport, regularizers.get(variant))
 
         def step() -> None:
             for name, regularizer in regularizers.items():
                 regularizer.enabled = name == variant
-            regularised[variant] = list(train_step(parts, x, y).layers)
+            regularised[variant] = list(train_step(net, objective, opt, ema, x, y, options).layers)
 
         return step
 
@@ -202,7 +199,10 @@ def bench_train(cfg: BenchConfig, model, device, macs: float, mfu: MFU) -> dict:
         log(f"  reference: {reference['status']}")
     out["reference"] = reference
     if cfg.meanflow:
-        params = {"ours_nodisp": params, "ours_meanflow": list(mf_parts["model"].parameters())}
+        params = {
+            "ours_nodisp": [p for p in model.parameters() if p.requires_grad],
+            "ours_meanflow": list(mf_parts["model"].parameters()),
+        }
         out["meanflow"] = mf_bench.summarise(out, variants, params, log)
         mf_parts["regularizer"].remove()
         del mf_parts
@@ -289,8 +289,8 @@ def bench_profile(cfg: BenchConfig, model, device) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from disploss.training.ema import EMA
-    from disploss.training.objective import flow_objective
-    from disploss.training.step import StepParts, train_step
+    from disploss.training.objective import Objective
+    from disploss.training.step import StepOptions, train_step
     from disploss.transport import create_transport
 
     model.train()
@@ -298,18 +298,17 @@ def bench_profile(cfg: BenchConfig, model, device) -> dict:
     x = torch.randn(B, C, S, S, device=device)
     y = torch.randint(0, cfg.num_classes, (B,), device=device)
     net = torch.compile(model) if cfg.compile else model
-    parts = StepParts(net=net, objective=flow_objective(create_transport(), None),
-                      opt=_adamw(model.parameters(), cfg.adamw), ema=EMA(model), device=device,
-                      params=[p for p in model.parameters() if p.requires_grad], precision=cfg.precision)  # fmt: skip
+    parts = (net, Objective(create_transport()), _adamw(model.parameters(), cfg.adamw), EMA(model))
+    options = StepOptions(precision=cfg.precision)
     for _ in range(max(cfg.warmup, 1)):
-        train_step(parts, x, y)
+        train_step(*parts, x, y, options)
     sync(device)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     log(f"profile: {cfg.profile_steps} steps of batch {B} under torch.profiler")
     with profile(activities=activities) as prof:
         for _ in range(cfg.profile_steps):
-            train_step(parts, x, y)
+            train_step(*parts, x, y, options)
         sync(device)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = [e for e in prof.key_averages() if getattr(e, key) > 0]

@@ -61,12 +61,13 @@ SCHEMA = "disploss-experiment-samplers-v1"
 
 
 def parse_setting(text: str) -> dict:
-    """'ode:ab2:11:power1.5' -> SamplerConfig fields plus 'bf16'. Raises ConfigError naming the valid forms."""
+    """'ode:ab2:11:power1.5' -> {"sampler": the mode and its config's fields (disploss.sampling.config.SAMPLERS),
+    "bf16": bool}. Raises ConfigError naming the valid forms."""
     parts = text.strip().split(":")
     if len(parts) < 2 or parts[0] not in ("ode", "sde"):
         raise ConfigError(f"sampler setting {text!r}: expected MODE:METHOD[:GRID_POINTS][:MODIFIER...], MODE ode|sde")
     mode, method, rest = parts[0].upper(), parts[1], parts[2:]
-    fields: dict = {"mode": mode, ("ode_method" if mode == "ODE" else "sde_method"): method}
+    fields: dict = {"mode": mode, "sampling_method": method}
     bf16 = False
     for i, part in enumerate(rest):
         if i == 0 and part.isdigit():
@@ -140,7 +141,7 @@ def sample_setting(model, transport, setting: str, labels, noise, batch_size: in
     Returns:
         (float32 samples (N, C, S, S) in [-1, 1] before the uint8 conversion, NFE per image).
     """
-    from disploss.sampling.config import SamplerConfig, sampler_fn
+    from disploss.sampling.config import SAMPLERS
     from disploss.sampling.guidance import guided_model_fn
 
     spec = parse_setting(setting)
@@ -151,13 +152,14 @@ def sample_setting(model, transport, setting: str, labels, noise, batch_size: in
         rows[0] += x.shape[0]
         return model_fn(x, t, y)
 
-    solve = sampler_fn(SamplerConfig(**spec["sampler"]), transport)
+    fields = dict(spec["sampler"])
+    sampler = SAMPLERS[fields.pop("mode")](**fields)
     out = []
     device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(labels), batch_size):
             z, y = noise[i : i + batch_size].to(device), labels[i : i + batch_size].to(device)
-            out.append(solve(z, counted, y=y)[-1].float().cpu())  # n C S S
+            out.append(sampler(transport, counted, z, y).float().cpu())  # n C S S
     return torch.cat(out).numpy(), rows[0] / len(labels)
 
 

@@ -60,7 +60,7 @@ def sample_checkpoint(
     from disploss.checkpoint import build_sit_from_checkpoint, load_checkpoint
     from disploss.imageio import to_uint8
     from disploss.sampling.guidance import cfg_batch, guided_model_fn
-    from disploss.transport import Sampler, create_transport
+    from disploss.transport import create_transport
 
     state = load_checkpoint(path)
     args = state["args"]
@@ -76,30 +76,29 @@ def sample_checkpoint(
     transport = create_transport(
         args["path_type"], args["prediction"], args["loss_weight"], args["train_eps"], args["sample_eps"]
     )
-    solve = _solver(Sampler(transport), spec, sample_steps, model.meanflow)
+    sampler = _sampler(spec, sample_steps, model.meanflow)
     model_fn, doubled = guided_model_fn(model, 1.0 if model.meanflow else cfg_scale, guide_channels=3)
     out = []
     for i in range(0, len(labels), batch_size):
         z, y = noise[i : i + batch_size].to(device), labels[i : i + batch_size].to(device)
         zz, yy = cfg_batch(z, y, args["num_classes"], doubled)
-        x = solve(zz, model_fn, y=yy)[-1][: len(y)]  # n C S S
+        x = sampler(transport, model_fn, zz, yy, doubled=doubled)[: len(y)]  # n C S S
         out.append(to_uint8(x, mode="round"))
     return np.concatenate(out)
 
 
-def _solver(sampler, spec: SamplerSpec | None, sample_steps: int, meanflow: bool):
-    # spec -> fn(x, model_fn, **kwargs) whose [-1] is the sample, with exactly spec.nfe model calls
-    if meanflow:
-        from disploss.meanflow import sample_meanflow
+def _sampler(spec: SamplerSpec | None, sample_steps: int, meanflow: bool):
+    # spec -> the sampler config (disploss.sampling.config) that makes exactly spec.nfe model calls
+    from disploss.sampling.config import MeanFlowConfig, ODEConfig
 
-        steps = spec.nfe if spec is not None else 1
-        return lambda x, model_fn, **kw: sample_meanflow(model_fn, x, steps, **kw)
+    if meanflow:
+        return MeanFlowConfig(num_sampling_steps=spec.nfe if spec is not None else 1)
     if spec is not None and spec.kind == "meanflow":
         raise ConfigError(f"sampler {spec.name} needs a MeanFlow checkpoint")
     method, steps = ("heun2", sample_steps) if spec is None else (
         ("euler", spec.nfe + 1) if spec.kind == "euler" else ("heun2", spec.nfe // 2 + 1)
     )  # fmt: skip
-    return sampler.sample_ode(sampling_method=method, num_steps=steps, keep_trajectory=False)
+    return ODEConfig(sampling_method=method, num_sampling_steps=steps)
 
 
 def score(classifier, ref_features: np.ndarray, ref_stats, images: np.ndarray, labels: np.ndarray) -> dict:
