@@ -133,7 +133,8 @@ def test_disp_gather_equals_the_loss_of_the_concatenation(ddp):
             rec = r[step]
             assert rec["gather"] and rec["shape"][0] == 4  # the local batch: 8 over 2 processes
             assert rec["value"] == pytest.approx(rec["concat"], abs=1e-6)
-            assert abs(rec["value"] - rec["local"]) > 1e-4  # not the local loss
+            # not the local loss: 10x the tolerance of the equality above (the draws are seeded per micro-batch)
+            assert abs(rec["value"] - rec["local"]) > 1e-5
         assert ranks[0][step]["value"] == pytest.approx(ranks[1][step]["value"], abs=1e-6)
     # the logged dispersive term is that global value (mean over the 2 steps of a log line)
     metrics = [json.loads(x) for x in (only_run(ddp["root"] / "straight") / "metrics.jsonl").read_text().splitlines()]

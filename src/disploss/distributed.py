@@ -154,6 +154,18 @@ def on_every_rank(fn: Callable[..., T], *args, **kwargs) -> T:
     raise StoppedByAnotherProcess(f"stopped: process {first} failed ({summaries[first]})", first) from error
 
 
+def alike_on_every_rank(fn: Callable[..., T], *args, **kwargs) -> T:
+    """Call fn(*args, **kwargs), whose outcome is the same on every process (it reads only the command's flags, e.g.
+    building a config), before any process group exists: a UsageError is raised as it is by rank 0 and as
+    StoppedByAnotherProcess by the others, so that under torchrun it is printed once. Outside torchrun it is fn."""
+    try:
+        return fn(*args, **kwargs)
+    except UsageError as err:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+            raise StoppedByAnotherProcess(f"stopped: process 0 reports the error ({err})", 0) from err
+        raise
+
+
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` (B, ...) of every process along dim 0; gradients flow back to the local part only.
 

@@ -17,7 +17,10 @@ from disploss.errors import ConfigError
 PRECISIONS = ("fp32", "tf32", "bf16")
 DEVICES = ("cuda", "cpu")
 
-__all__ = ["DEVICES", "PRECISIONS", "autocast", "peak_memory_gb", "resolve_device", "set_precision"]
+__all__ = [
+    "DEVICES", "PRECISIONS", "autocast", "matmul_flops_per_second", "peak_memory_gb", "resolve_device",
+    "set_precision",
+]  # fmt: skip
 
 
 def set_precision(precision: str) -> None:
@@ -57,3 +60,32 @@ def peak_memory_gb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+def matmul_flops_per_second(device: torch.device, precision: str = "fp32", budget_s: float = 0.05) -> float:
+    """What this device does in square matmuls, in FLOP/s, measured for about `budget_s` seconds (a rough speed for
+    estimates: smaller or memory-bound operations run slower, so estimates from it are optimistic).
+
+    Args:
+        device: where to measure (CUDA is synchronised around the timed calls).
+        precision: 'bf16' measures bfloat16 matmuls, else float32 (with TF32 as set_precision left it).
+        budget_s: seconds of timed work (after one warm-up call).
+    """
+    import time
+
+    side = 2048 if device.type == "cuda" else 256
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.full((side, side), 0.5, device=device, dtype=dtype)  # no random draw: the run's streams stay as they are
+    b = torch.full((side, side), 0.25, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up (kernel selection, thread pool)
+    sync()
+    calls, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        calls += 1
+        if calls % 4 == 0:
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= budget_s:
+                return 2 * side**3 * calls / elapsed

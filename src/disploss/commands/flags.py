@@ -76,6 +76,7 @@ def add_config_arguments(
     check_at_parse: bool = False,
     defaults: Any = None,
     none_defaults: bool = False,
+    given_only: bool = False,
 ) -> None:
     """Add one flag per option field of the dataclass `cls` (recursing into nested configs).
 
@@ -87,6 +88,8 @@ def add_config_arguments(
         defaults: an instance whose values are the flags' defaults (a nested config's default_factory).
         none_defaults: every flag defaults to None (its help still shows the config's default), so that the
             command can tell the flags given from the ones left out (to lay them over presets such as --quick).
+        given_only: the namespace holds only the flags given (argparse.SUPPRESS defaults; the help still shows the
+            config's default), for `given_values` (a flag given as None, --loss-weight None, is then told apart).
     """
     hints = typing.get_type_hints(cls)
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
@@ -98,15 +101,16 @@ def add_config_arguments(
         default = getattr(defaults, field.name) if defaults is not None else _field_default(field)
         if dataclasses.is_dataclass(kind):
             add_config_arguments(
-                parser, kind, check_at_parse=check_at_parse, defaults=default, none_defaults=none_defaults
-            )
+                parser, kind, check_at_parse=check_at_parse, defaults=default, none_defaults=none_defaults,
+                given_only=given_only,
+            )  # fmt: skip
             continue
         kwargs: dict[str, Any] = {"help": meta.get("help", ""), "default": default}
-        if none_defaults:
+        if none_defaults or given_only:
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             if shown is not None and shown is not False and "default" not in kwargs["help"]:
                 kwargs["help"] += f" (default: {shown})"
-            kwargs["default"] = None
+            kwargs["default"] = argparse.SUPPRESS if given_only else None
         if kind is bool:
             kwargs["action"] = "store_true"
         else:
@@ -164,6 +168,23 @@ def add_mode_subparsers(
         add_config_arguments(mode_parser, cls, defaults=(mode_defaults or {}).get(mode), **kwargs)
         parsers[mode] = mode_parser
     return parsers
+
+
+def given_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """{field: value} of the flags given, from a namespace parsed with `given_only=True`; a nested config whose flags
+    were given is built whole (its other fields at their defaults)."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        if field.metadata.get("cli") is False:
+            continue
+        kind = _base_type(hints[field.name])
+        if dataclasses.is_dataclass(kind):
+            if given_values(kind, args):
+                out[field.name] = config_from_namespace(kind, args, _field_default(field))
+        elif hasattr(args, _dest(field)):
+            out[field.name] = getattr(args, _dest(field))
+    return out
 
 
 def config_from_namespace(cls: type, args: argparse.Namespace, defaults: Any = None, **given):

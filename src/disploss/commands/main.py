@@ -27,11 +27,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, printed once under torchrun (disploss.commands.report.parser_error); the
+    sub-parsers of a MODE are of this class too."""
+
+    def error(self, message: str):
+        from disploss.commands.report import parser_error
+
+        parser_error(self.prog, message)
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     """The parser of one subcommand (also used by the root train.py / sample.py / sample_ddp.py shims)."""
     module_name, help_text = COMMANDS[command]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"disploss {command}", description=help_text, formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog=f"disploss {command}", description=help_text, formatter_class=HelpFormatter)
     module.add_arguments(parser)
     return parser
 

@@ -4,6 +4,8 @@ Exit status: 0 when done; 2 and one line `disploss train: error: ...` for a user
 run folder, disk); 1 for a non-finite loss; 75 when SIGTERM or SIGUSR1 stopped it with a checkpoint (run the same
 command with --ckpt latest to continue) and 130 for SIGINT (Ctrl-C), each with one line from rank 0; anything else
 keeps its traceback. Under torchrun a mistake every process finds is printed once (see disploss.commands.report).
+
+The flags given are laid over `--preset NAME` (disploss.training.presets), else over TrainConfig's defaults.
 """
 
 from __future__ import annotations
@@ -12,14 +14,20 @@ import argparse
 import os
 import sys
 
-from disploss.commands.flags import add_config_arguments, config_from_namespace
+from disploss.commands.flags import add_config_arguments, given_values
 from disploss.commands.report import guarded, print_error
-from disploss.training import NonFiniteError, TrainConfig, train
+from disploss.training import NonFiniteError, TrainConfig, presets, train
 from disploss.training.run.preemption import EXIT_INTERRUPTED, Stopped, stop_signals
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, TrainConfig)
+    add_config_arguments(parser, TrainConfig, given_only=True)  # to lay the flags given over --preset
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed flags: --preset's values (if any), then every flag given."""
+    given = given_values(TrainConfig, args)
+    return presets.build(given.pop("preset", None), **given)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         # (torchrun signals the other workers when one exits) cannot kill the process before it says why it stopped.
         with stop_signals():
             try:
-                train(config_from_namespace(TrainConfig, args))
+                # Built on every process before any process group exists: a bad value is printed by rank 0 alone.
+                train(dist.alike_on_every_rank(train_config, args))
             except NonFiniteError as err:
                 print_error("train", err)
                 return 1

@@ -132,30 +132,47 @@ def grid_labels(num_classes: int) -> tuple[list[int], int]:
     return classes, (8 if num_classes <= 10 else 4)
 
 
+def training_grid_sampler(model: torch.nn.Module, sample_steps: int, cfg_scale: float):
+    """The sampler of the in-training grids, its guidance scale and a one-line description of both: the Heun ODE
+    with `sample_steps` grid points at `cfg_scale`; a MeanFlow model (meanflow=True) in one step without guidance
+    at sampling (it is folded into its training target), as `sample.py MeanFlow` draws it.
+
+    Returns:
+        (sampler config, guidance scale, description).
+    """
+    if getattr(model, "meanflow", False):
+        sampler = MeanFlowConfig(num_sampling_steps=1)
+        return sampler, 1.0, f"{sampler.describe()}, no guidance at sampling (folded into the training target)"
+    sampler = ODEConfig(sampling_method="heun2", num_sampling_steps=sample_steps)
+    calls = 2 * (sample_steps - 1)
+    return sampler, cfg_scale, f"Heun ODE with {sample_steps} grid points ({calls} model calls), cfg {cfg_scale}"
+
+
 @torch.no_grad()
 def training_grid(
-    ema_model: torch.nn.Module, codec, transport, *, num_classes: int, cfg_scale: float, sample_steps: int,
+    model: torch.nn.Module, codec, transport, *, num_classes: int, cfg_scale: float, sample_steps: int,
     seed: int, path: Path, device: torch.device,
 ) -> Path:  # fmt: skip
-    """A class-conditional grid from the EMA weights: fixed noise (CPU generator seeded with `seed`), Heun ODE
-    with `sample_steps` grid points, guidance on the first 3 channels, a row per class; tiny images enlarged.
-    A MeanFlow model (meanflow=True) is sampled in one step without guidance at sampling (it is folded into its
-    training target): the grid shows what `sample.py MeanFlow` gives."""
+    """A class-conditional grid from `model` (the EMA, or the raw weights of a run with --sample-weights model;
+    sampled in eval mode, its mode restored after): fixed noise (CPU generator seeded with `seed`), the sampler of
+    `training_grid_sampler`, guidance on the first 3 channels, a row per class; tiny images enlarged."""
     from disploss.imageio import save_grid, to_uint8
     from disploss.sampling.guidance import cfg_batch, guided_model_fn
 
     classes, per_row = grid_labels(num_classes)
     y = torch.tensor([c for c in classes for _ in range(per_row)], device=device)
     gen = torch.Generator().manual_seed(seed)
-    shape = (len(y), ema_model.in_channels, ema_model.input_size, ema_model.input_size)
+    shape = (len(y), model.in_channels, model.input_size, model.input_size)
     z = torch.randn(shape, generator=gen).to(device)
-    if getattr(ema_model, "meanflow", False):
-        sampler, cfg_scale = MeanFlowConfig(num_sampling_steps=1), 1.0
-    else:
-        sampler = ODEConfig(sampling_method="heun2", num_sampling_steps=sample_steps)
-    model_fn, doubled = guided_model_fn(ema_model, cfg_scale, guide_channels=3)
-    zz, yy = cfg_batch(z, y, num_classes, doubled)
-    out = sampler(transport, model_fn, zz, yy, doubled=doubled)[: len(y)]
+    sampler, cfg_scale, _ = training_grid_sampler(model, sample_steps, cfg_scale)
+    was_training = model.training
+    model.eval()  # no label dropout
+    try:
+        model_fn, doubled = guided_model_fn(model, cfg_scale, guide_channels=3)
+        zz, yy = cfg_batch(z, y, num_classes, doubled)
+        out = sampler(transport, model_fn, zz, yy, doubled=doubled)[: len(y)]
+    finally:
+        model.train(was_training)
     images = to_uint8(codec.decode(out), mode="round")
     save_grid(images, path, nrow=per_row, zoom=max(1, 64 // images.shape[1]))  # tiny images: enlarged to see
     return path

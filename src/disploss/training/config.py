@@ -21,6 +21,14 @@ from disploss.transport import LOSS_WEIGHTS, PATH_TYPES, PREDICTIONS
 
 DIGITS = "builtin:digits"
 NONFINITE_POLICIES = ("error", "skip")
+SAMPLE_WEIGHTS = ("ema", "model")
+# --preset NAME: named settings laid under the flags given (disploss.training.presets, where they are defined).
+PRESET_HELP = {
+    "release": "the official PyTorch release: lambda 0.25, tau 1, the last block, AdamW beta2 0.999 (the defaults)",
+    "jax": "the paper's JAX runs: lambda 0.5, tau 0.5, the block at depth // 4, AdamW beta2 0.95",
+    "demo": "the CPU demo: SiT-T/2 on 8 px pixels (--vae none), batch 64, lr 1e-3, EMA 0.99, 1500 steps, "
+    "InfoNCE-cosine 0.25 / 0.5",
+}
 OBJECTIVES = ("flow", "meanflow")  # flow matching (SiT); MeanFlow (disploss.meanflow: 1-step sampling)
 
 
@@ -44,7 +52,14 @@ class TrainConfig:
     global_batch_size: int = option(
         256, "batch over all processes (must be divisible by their number)", check=at_least(1)
     )
-    global_seed: int = option(0, "seed; process r uses global_seed * world_size + r")
+    global_seed: int = option(
+        0, "seed: of the initial weights, and with the step and the micro-batch of every random draw of training (the "
+        "same for any number of processes)",
+    )  # fmt: skip
+    grad_accum_steps: int = option(
+        1, "micro-batches per process and optimizer step: --global-batch-size = processes x K x the micro-batch, each "
+        "micro-batch with its own dispersive term (8 GPUs x 32 = 1 GPU x K 8 x 32)", check=at_least(1), metavar="K",
+    )  # fmt: skip
     vae: str = option("ema", "ema | mse (stabilityai/sd-vae-ft-*), a local diffusers folder, or none (pixel space)")
     num_workers: int = option(4, "data loader workers per process", check=at_least(0))
     log_every: int = option(100, "steps between log lines", check=at_least(1))
@@ -91,7 +106,14 @@ class TrainConfig:
     grad_clip: float = option(
         0.0, "clip the gradient norm to this value (0: no clipping, the reference)", check=all_of(at_least(0.0), finite)
     )
-    ema_decay: float = option(0.9999, "EMA decay per step", check=in_interval(0.0, 1.0))
+    ema_decay: float = option(
+        0.9999, "EMA decay per step; the EMA averages about the last 1 / (1 - decay) steps", check=in_interval(0.0, 1.0)
+    )
+    ema_warmup_power: float | None = option(
+        None, "warm the EMA up: decay min(--ema-decay, 1 - (1 + step)^-P), k-diffusion's EMAWarmup (e.g. 0.75 for "
+        "short runs, 0.6667 for long ones); default: the constant decay of the reference", check=all_of(positive, finite),
+        metavar="P",
+    )  # fmt: skip
     on_nonfinite: str = option(
         "error", "a non-finite loss or gradient: stop with an error, or skip the step", choices=NONFINITE_POLICIES
     )
@@ -101,6 +123,11 @@ class TrainConfig:
     device: str | None = option(None, "cuda or cpu (default: cuda when available)", choices=(None, *DEVICES))
     sample_steps: int = option(
         50, "points of the Heun ODE time grid of the in-training sample grids", check=at_least(2)
+    )
+    sample_weights: str = option(
+        "ema",
+        "weights of the in-training sample grids: the EMA (the reference) or the model's raw weights",
+        choices=SAMPLE_WEIGHTS,
     )
     # Restarts, preemption and disk (README "When things go wrong").
     ckpt_every_minutes: float | None = option(
@@ -121,6 +148,11 @@ class TrainConfig:
         "(`sample.py MeanFlow`); needs --path-type Linear --prediction velocity", choices=OBJECTIVES,
     )  # fmt: skip
     meanflow: MeanFlowSettings = option(default_factory=MeanFlowSettings)
+    preset: str | None = option(
+        None, "named settings, which the flags given override (--disp still turns the term on): "
+        + "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items()) + " (docs/reproducing.md)",
+        choices=(None, *PRESET_HELP),
+    )  # fmt: skip
 
     def __post_init__(self):
         if isinstance(self.disp_block, int):  # TrainConfig(disp_block=6) from Python
@@ -149,6 +181,11 @@ class TrainConfig:
             raise ConfigError(
                 f"--image-size {self.image_size} is not divisible by the patch size {patch} of --model {self.model}; "
                 f"valid sizes nearby: {near}"
+            )
+        if self.global_batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"--global-batch-size {self.global_batch_size} is not divisible by --grad-accum-steps "
+                f"{self.grad_accum_steps} (global batch = processes x K x micro-batch)"
             )
         if self.disp and not (self.disp_weight > 0 and self.disp_tau > 0):
             raise ConfigError("--disp-weight and --disp-tau must be positive")
@@ -197,11 +234,13 @@ def disp_blocks(spec: str, depth: int, model: str = "the model") -> list[int]:
 # same values, and a training checkpoint whose values differ only gives its weights to a new run. The others may
 # change between the restarts of one run: how long (--epochs, --max-steps), how often to log, save and sample,
 # retention, workers, device, precision, --compile, --grad-checkpointing, the policies and the logging backends.
+# --grad-accum-steps may change with the number of processes so long as processes x K (the micro-batches of a step)
+# stays: a resume checks that (training/run/resume.py, check_process_split). --preset is recorded, its values compared.
 EXPERIMENT_FIELDS = (
     "data_path", "latents", "model", "image_size", "num_classes", "vae", "global_batch_size", "global_seed",
     "disp", "disp_weight", "disp_tau", "disp_variant", "disp_block", "disp_gather", "disp_margin",
     "path_type", "prediction", "loss_weight", "train_eps", "lr", "beta2", "weight_decay", "grad_clip", "ema_decay",
-    "objective", "meanflow",
+    "ema_warmup_power", "objective", "meanflow",
 )  # fmt: skip
 _DISP_FIELDS = ("disp_weight", "disp_tau", "disp_variant", "disp_block", "disp_gather", "disp_margin")
 

@@ -41,7 +41,7 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
     from disploss.training.run.metrics import RunningMeans
     from disploss.training.run.plots import plot_run
     from disploss.training.run.preflight import check_patch, preflight
-    from disploss.training.run.resume import find_resume, load_weights, restore_rng
+    from disploss.training.run.resume import check_process_split, find_resume, load_weights
     from disploss.training.step import NonFiniteWatch, StepOptions, make_adamw, nonfinite_term, train_step
     from disploss.transport import create_transport
 
@@ -51,8 +51,10 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
     # Cheap checks first (data, processes, wandb, output folder), on every process at once: a mistake is printed once.
     dataset = dist.on_every_rank(preflight, cfg, world, info.is_main)
     set_precision(cfg.precision)
-    torch.manual_seed(cfg.global_seed * world + rank)
-    local_batch = cfg.global_batch_size // world
+    # The initial weights from the seed alone (the same for any number of processes; DDP also broadcasts rank 0's);
+    # each step's random draws are seeded per micro-batch (disploss.training.step).
+    torch.manual_seed(cfg.global_seed)
+    local_batch = cfg.global_batch_size // world  # --grad-accum-steps micro-batches of it per step
     td = dist.on_every_rank(data.build_data, cfg, device, dataset)  # the VAE
     steps_per_epoch = data.steps_per_epoch(len(td.dataset), world, local_batch)
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
@@ -67,6 +69,7 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
 
     # -- resume: weights, optimizer, step, run folder, log, random state --------------------------------------------
     resume = dist.on_every_rank(find_resume, cfg)
+    dist.on_every_rank(check_process_split, cfg, resume, world, len(td.dataset))  # the same split, or one line
     if resume.state is not None:
         dist.on_every_rank(load_weights, model, resume.state, "model", resume.path, cfg)
         if "opt" in resume.state:
@@ -79,9 +82,8 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
     config = {**cfg.as_dict(), "model_config": model.config(), "world_size": world, "run_dir": str(run_dir)}
     logger = _start_log(cfg, config, run_dir, model, resume, td.notes, info, on_exit)
     logger.total_steps = max_steps  # progress and ETA on the log lines
+    _log_the_plan(cfg, model, local_batch, max_steps, device, logger)
     loader, sampler = data.make_loader(td.dataset, local_batch, world, rank, cfg.global_seed, cfg.num_workers, device)
-    if resume.state is not None and "rng" in resume.state:
-        restore_rng(resume.state["rng"], rank, world, device, logger)
 
     # -- the step: the objective (flow matching or MeanFlow, + the dispersive term), DDP, compile ----------------------
     regularizer = build_regularizer(model, cfg)  # hooks on the unwrapped model, before DDP and compile wrap it
@@ -108,7 +110,7 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
             if encode is not None:
                 x = encode(x, sample=True)
             dispersion.before_step((step + 1) % cfg.log_every == 0 or step + 1 == max_steps)
-            out = train_step(net, objective, opt, ema, x, y, options)
+            out = train_step(net, objective, opt, ema, x, y, options, step=step)
             step += 1
             if options.skip_nonfinite and not out.updated:
                 skipped += 1
@@ -144,8 +146,9 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
             if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or last):
                 watch.check()
                 _sample_grid(
-                    ema.model, td.grid_codec, transport, cfg, run_dir / "samples" / f"{step:07d}.png", device, logger
-                )
+                    ema.model if cfg.sample_weights == "ema" else model, td.grid_codec, transport, cfg,
+                    run_dir / "samples" / f"{step:07d}.png", device, logger,
+                )  # fmt: skip
             if step >= max_steps:
                 break
     logger.info(f"done at step {step}")
@@ -200,18 +203,48 @@ def _mean_over_ranks(values: dict[str, torch.Tensor], world: int) -> dict[str, f
     return {k: float(v) for k, v in zip(values, totals)}
 
 
+def _log_the_plan(cfg: TrainConfig, model, local_batch: int, max_steps: int, device, logger) -> None:
+    """Before the first step: the preset, the step's cost on this device (a warning when it would take minutes),
+    the EMA's horizon against the run's length, and what MeanFlow's logged losses are."""
+    from disploss.training import presets
+    from disploss.training.ema import horizon_warning
+    from disploss.training.run import cost
+
+    if not logger.enabled:  # rank 0 says it
+        return
+    if (line := presets.describe(cfg)) is not None:
+        logger.info(line)
+    estimate = cost.estimate(model.config(), local_batch, cfg, device)
+    logger.info(cost.cost_line(estimate, cfg, model.config(), local_batch, device))
+    for warning in (cost.slow_step_warning(estimate, cfg, device),
+                    horizon_warning(max_steps, cfg.ema_decay, cfg.ema_warmup_power)):  # fmt: skip
+        if warning is not None:
+            logger.warning(warning)
+    if cfg.objective == "meanflow":
+        mf = cfg.meanflow
+        logger.console_labels = {"loss": "loss (weighted)", "flow": "mse"}
+        logger.info(
+            f"MeanFlow: 'loss (weighted)' is the adaptively weighted loss ||delta||^2 / (||delta||^2 + {mf.weight_c:g})"
+            f"^{mf.weight_p:g} per sample{' + lambda x dispersive' if cfg.disp else ''}, about 1 while ||delta||^2 >> "
+            f"{mf.weight_c:g}, so it barely moves; 'mse' (metrics.jsonl: flow) is the unweighted mean squared error "
+            "to the target, the one to watch"
+        )
+
+
 @torch.no_grad()
-def _sample_grid(ema_model, codec, transport, cfg: TrainConfig, path: Path, device, logger) -> None:
-    """Rank 0 writes a class-conditional grid from the EMA weights (disploss.sampling.grid.training_grid)."""
-    from disploss.sampling.grid import grid_labels, training_grid
+def _sample_grid(weights, codec, transport, cfg: TrainConfig, path: Path, device, logger) -> None:
+    """Rank 0 writes a class-conditional grid from `weights` (the EMA, or the model with --sample-weights model;
+    disploss.sampling.grid.training_grid)."""
+    from disploss.sampling.grid import grid_labels, training_grid, training_grid_sampler
 
     if dist.is_main():
         start = time.time()
         classes, per_row = grid_labels(cfg.num_classes)
-        logger.info(f"sampling grid {path.name}: {len(classes) * per_row} images from the EMA weights, Heun ODE with "
-                    f"{cfg.sample_steps} grid points ({2 * (cfg.sample_steps - 1)} model calls), cfg {cfg.cfg_scale}")  # fmt: skip
+        which = "the EMA weights" if cfg.sample_weights == "ema" else "the model's raw weights (--sample-weights model)"
+        described = training_grid_sampler(weights, cfg.sample_steps, cfg.cfg_scale)[2]
+        logger.info(f"sampling grid {path.name}: {len(classes) * per_row} images from {which}, {described}")
         training_grid(
-            ema_model, codec, transport, num_classes=cfg.num_classes, cfg_scale=cfg.cfg_scale,
+            weights, codec, transport, num_classes=cfg.num_classes, cfg_scale=cfg.cfg_scale,
             sample_steps=cfg.sample_steps, seed=cfg.global_seed, path=path, device=device,
         )  # fmt: skip
         logger.log_image("samples", str(path), int(path.stem))

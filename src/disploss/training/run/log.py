@@ -153,6 +153,7 @@ class RunLogger:
         self._wandb_run = None
         self._tb = None
         self.total_steps: int | None = None  # set by the training loop: the log lines then show progress and an ETA
+        self.console_labels: dict[str, str] = {}  # metric -> its name on the console line (MeanFlow's losses)
         self.logger = logging.Logger(f"disploss.run.{id(self)}", level=logging.INFO)  # not in the global registry
         self.logger.propagate = False
         if not self.enabled:
@@ -209,7 +210,8 @@ class RunLogger:
         self._metrics_file.write(line)  # one write + flush per line: a kill leaves complete lines
         self._metrics_file.flush()
         if echo:  # per-layer values and diagnostics ('disp/blocks.5', 'diag/...') go to the files only
-            text = ", ".join(f"{k}: {_format_value(v)}" for k, v in values.items() if "/" not in k)
+            labels = self.console_labels
+            text = ", ".join(f"{labels.get(k, k)}: {_format_value(v)}" for k, v in values.items() if "/" not in k)
             self.logger.info(f"({self._progress(int(step), values.get('steps_per_sec'))}) {text}")
         numeric = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._wandb_run is not None:

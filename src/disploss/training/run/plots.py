@@ -53,6 +53,11 @@ def plot_run(run_dir: str | Path) -> Path | None:
         ("disp", f"dispersive loss ({variant})", "loss value" if lam else "(off: no --disp)", "C2"),
         ("loss", f"total = flow + {lam:g} x dispersive", "loss value", "C1"),
     ]
+    if config.get("objective") == "meanflow":  # the total is adaptively weighted: it does not add up from 'flow'
+        panels[0] = ("flow", "MeanFlow error (unweighted)", "mean squared error to the target", "C0")
+        weighted = "adaptively weighted MeanFlow loss"
+        panels[2] = ("loss", f"total = {weighted} + {lam:g} x dispersive" if lam else f"total = {weighted}",
+                     "||delta||^2 / (||delta||^2 + c)^p, mean", "C1")  # fmt: skip
     for ax, (key, title, ylabel, color) in zip(axes[0], panels):
         ax.plot(steps, [r[key] for r in rows], color=color)
         ax.set_xlabel("training step"), ax.set_ylabel(ylabel), ax.set_title(title, fontsize=10)

@@ -36,6 +36,7 @@ def preflight(cfg: TrainConfig, world: int, is_main: bool) -> torch.utils.data.D
         raise ConfigError(
             f"--global-batch-size {cfg.global_batch_size} is not divisible by the number of processes {world}"
         )
+    check_micro_batch(cfg, world)
     dataset = build_dataset(cfg)
     steps_per_epoch(len(dataset), world, cfg.global_batch_size // world)
     geometry = input_geometry(cfg, dataset)
@@ -54,6 +55,33 @@ def preflight(cfg: TrainConfig, world: int, is_main: bool) -> torch.utils.data.D
             need = 2 * checkpoint_size_bytes(model)  # the last checkpoint and the one being written beside it
         check_output_folder(cfg.results_dir, need)
     return dataset
+
+
+def check_micro_batch(cfg: TrainConfig, world: int) -> None:
+    """The global batch splits into processes x --grad-accum-steps micro-batches, and with --disp each micro-batch
+    gives the dispersive term at least 2 samples (of 1 it is a constant without gradient), or --disp-gather does
+    over several processes.
+
+    Raises:
+        ConfigError: naming --global-batch-size, --grad-accum-steps and --disp-gather.
+    """
+    k, batch = cfg.grad_accum_steps, cfg.global_batch_size
+    if batch % (world * k):
+        raise ConfigError(
+            f"--global-batch-size {batch} is not divisible by {world} process(es) x --grad-accum-steps {k} (the "
+            "global batch is processes x K x the micro-batch)"
+        )
+    micro = batch // (world * k)
+    term_batch = micro * world if cfg.disp_gather else micro
+    if cfg.disp and term_batch < 2:
+        gather = (
+            "" if cfg.disp_gather or world == 1 else ", or --disp-gather (the term over the processes' micro-batches)"
+        )
+        raise ConfigError(
+            f"--disp with --global-batch-size {batch} over {world} process(es) x --grad-accum-steps {k} gives the "
+            f"dispersive term micro-batches of {term_batch} sample(s), a constant without gradient: use "
+            f"--global-batch-size {2 * world * k} or more{', fewer --grad-accum-steps' if k > 1 else ''}{gather}"
+        )
 
 
 def check_output_folder(results_dir: str, min_free_bytes: int) -> None:

@@ -49,7 +49,8 @@ def _latest_matching_run(cfg: TrainConfig) -> Resume:
     from disploss.checkpoint import latest_of_runs, load_latest
 
     passed_over = []
-    for newest in latest_of_runs(cfg.results_dir, cfg.model):
+    of_this_model = latest_of_runs(cfg.results_dir, cfg.model)
+    for newest in of_this_model:
         run_dir = newest.parent.parent
         stored = _stored_config(run_dir)
         differences = experiment_differences(stored, cfg) if stored is not None else []
@@ -62,12 +63,35 @@ def _latest_matching_run(cfg: TrainConfig) -> Resume:
             path, state = found
             notes = [f"--ckpt latest: passed over the run(s) of other experiments: {'; '.join(passed_over)}"]
             return Resume(str(path), state, int(state.get("step", 0)), run_dir, notes=notes if passed_over else [])
+    passed_over += _runs_of_other_models(cfg, {p.parent.parent for p in of_this_model})
     if not passed_over:
-        return Resume()
+        return Resume(notes=[f"--ckpt latest: no run with a checkpoint in {cfg.results_dir} yet: a fresh run starts"])
+    more = f" (and {len(passed_over) - 3} more)" if len(passed_over) > 3 else ""
     return Resume(warnings=[
         f"--ckpt latest: no run of {cfg.model} in {cfg.results_dir} has this command's experiment flags, so a fresh "
         f"run starts; the newest one differs: {passed_over[0]}"
+        + (f"; the others found: {'; '.join(passed_over[1:3])}{more}" if len(passed_over) > 1 else "")
     ])  # fmt: skip
+
+
+def _runs_of_other_models(cfg: TrainConfig, seen: set[Path]) -> list[str]:
+    """The run folders in --results-dir with a checkpoint that `latest_of_runs` leaves out (their folder names
+    another model), newest first, each named with the flags that differ (from its config.json)."""
+    import re
+
+    from disploss.checkpoint import find_latest
+
+    root = Path(cfg.results_dir)
+    found = []
+    for folder in root.iterdir() if root.is_dir() else ():
+        if folder in seen or not re.match(r"\d{3,}-", folder.name) or not folder.is_dir():
+            continue
+        newest = find_latest(folder / "checkpoints")
+        if newest is not None:
+            stored = _stored_config(folder) or {}
+            differences = experiment_differences(stored, cfg) or ["--model: its folder names another model"]
+            found.append((newest.stat().st_mtime, f"{folder.name} ({', '.join(differences)})"))
+    return [text for _, text in sorted(found, reverse=True)]
 
 
 def _from_path(cfg: TrainConfig, path: str) -> Resume:
@@ -144,21 +168,57 @@ def load_weights(model: torch.nn.Module, state: dict, prefer: str, path, cfg: Tr
     model.load_state_dict(weights, strict=True)
 
 
-# -- random state -------------------------------------------------------------------------------------------------
+# -- random state and the split of the global batch ---------------------------------------------------------------
 def rng_state(device: torch.device) -> dict:
-    """This process's CPU (and CUDA) generator states."""
+    """This process's CPU (and CUDA) generator states (kept in checkpoints for inspection: the draws of a step are
+    seeded per micro-batch, disploss.training.step, so resuming needs none)."""
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(states: list, rank: int, world: int, device: torch.device, logger) -> None:
-    """Restore this process's generators from a checkpoint's per-process list (reseeded by the caller's seed
-    instead, with a warning, when the number of processes changed)."""
-    if len(states) != world:
-        logger.warning(f"checkpoint has random states of {len(states)} processes, this run has {world}: reseeding")
+def check_process_split(cfg: TrainConfig, resume: Resume, world: int, num_items: int) -> None:
+    """Refuse, in one line naming the checkpoint's split, to continue a run under another split of its global
+    batch that would change its data or its random draws; a run continues exactly under any number of processes P
+    and --grad-accum-steps K with the same P x K micro-batches per step (disploss.training.step), and, with
+    --disp-gather (a term across the processes), under the same P and K.
+
+    Args:
+        cfg: this run's settings; resume: what it continues (nothing to check unless a step and a data order);
+        world: this run's number of processes; num_items: the dataset's size (the epoch's length).
+    Raises:
+        ConfigError: naming the checkpoint's processes and K, and what to run instead.
+    """
+    from disploss.training.loader import steps_per_epoch
+
+    args = _args(resume.state) if resume.state is not None else {}
+    if not resume.step or "world_size" not in args:
         return
-    torch.set_rng_state(states[rank]["cpu"])
-    if device.type == "cuda" and "cuda" in states[rank]:
-        torch.cuda.set_rng_state(states[rank]["cuda"], device)
+    old_world, old_k, k = int(args["world_size"]), int(args.get("grad_accum_steps", 1)), cfg.grad_accum_steps
+    if (old_world, old_k) == (world, k):
+        return
+    batch = cfg.global_batch_size
+    old_n, n = old_world * old_k, world * k
+    was = (
+        f"--ckpt {resume.path} was trained by {old_world} process(es) x --grad-accum-steps {old_k} ({old_n} "
+        f"micro-batches of {batch // old_n} per step); this run has {world} x {k}"
+    )
+    if cfg.disp_gather:
+        raise ConfigError(
+            f"{was}, and with --disp-gather the dispersive term spans the processes: continue with {old_world} "
+            f"process(es) and --grad-accum-steps {old_k}"
+        )
+    if old_n != n:
+        other = f"--grad-accum-steps {old_n // world} with {world} process(es), or " if old_n % world == 0 else ""
+        raise ConfigError(
+            f"{was}: continue with {old_n} micro-batches per step ({other}{old_world} process(es) with "
+            f"--grad-accum-steps {old_k}), so that each dispersive term and every random draw stay the same"
+        )
+    old_steps = steps_per_epoch(num_items, old_world, batch // old_world)
+    if old_steps != steps_per_epoch(num_items, world, batch // world) or old_steps * batch > num_items:
+        raise ConfigError(
+            f"{was}: the {num_items} items do not split into whole steps alike under both (the sampler pads an epoch "
+            f"to a multiple of the processes), so the epochs would differ; continue with {old_world} process(es) and "
+            f"--grad-accum-steps {old_k}"
+        )
