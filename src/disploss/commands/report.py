@@ -32,7 +32,7 @@ USER_ERRNOS = {
     errno.ENAMETOOLONG,
 }  # fmt: skip
 QUIET_EXIT_DELAY_S = 3.0  # across nodes: how long a quiet process waits for the reporting one to exit first
-REPORT_EXIT_DELAY_S = 0.5  # on one node: how long the reporting process waits for the quiet ones to exit first
+REPORT_EXIT_DELAY_S = 2.0  # on one node: how long the reporting process waits for the quiet ones to exit first
 
 
 def _under_torchrun() -> bool:
