@@ -8,7 +8,7 @@ it as the root cause instead of "Signal 6" or a link to the elastic docs. On one
 status 0 at once and the reporting one a moment later, so the summary lists no other failure (no "Signal 15" entry
 per process); across nodes they exit with 2 after it (an agent whose workers all succeed would wait at torchrun's
 exit barrier for the failed node). The summary itself, and the launcher's traceback above it, are torchrun's and
-cannot be turned off from a worker (about 33 lines: docs/operations.md, "Cheap checks first, reported once").
+cannot be turned off from a worker (35 lines: docs/operations.md, "Cheap checks first, reported once").
 An argparse mistake (an unknown flag, a bad value) is one line too, without the usage block.
 """
 

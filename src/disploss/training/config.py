@@ -82,7 +82,10 @@ class TrainConfig:
         "-1", "blocks whose outputs are regularised: an index from 0 (negative: from the end), a comma list such as "
         "0,6,27, or all; one dispersive term per block, averaged", parse=str, check=check_block_spec,
     )  # fmt: skip
-    disp_gather: bool = option(False, "dispersive term over the global batch (all-gather) instead of the local one")
+    disp_gather: bool = option(
+        False, "dispersive term over every process's micro-batch together (all-gather; the global batch with "
+        "--grad-accum-steps 1) instead of the local one",
+    )  # fmt: skip
     disp_margin: float = option(1.0, "epsilon of the hinge variant", check=finite)
     path_type: str = option("Linear", "interpolant path", choices=PATH_TYPES)
     prediction: str = option("velocity", "model prediction", choices=PREDICTIONS)
@@ -110,8 +113,8 @@ class TrainConfig:
         0.9999, "EMA decay per step; the EMA averages about the last 1 / (1 - decay) steps", check=in_interval(0.0, 1.0)
     )
     ema_warmup_power: float | None = option(
-        None, "warm the EMA up: decay min(--ema-decay, 1 - (1 + step)^-P), k-diffusion's EMAWarmup (e.g. 0.75 for "
-        "short runs, 0.6667 for long ones); default: the constant decay of the reference", check=all_of(positive, finite),
+        None, "warm the EMA up: decay min(--ema-decay, 1 - (1 + step)^-P), k-diffusion's EMAWarmup (0.6667 for a "
+        "million steps or more, 0.75 for fewer); default: the reference's constant decay", check=all_of(positive, finite),
         metavar="P",
     )  # fmt: skip
     on_nonfinite: str = option(
