@@ -51,6 +51,11 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+def dir_mode() -> int:
+    """The mode `mkdir(path)` gives a new folder: 0o777 without the bits of the process's umask."""
+    return 0o777 & ~_umask()
+
+
 def _umask() -> int:
     # Linux shows the umask in /proc without changing it; elsewhere set-and-restore (not thread-safe, but brief).
     try:

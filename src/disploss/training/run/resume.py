@@ -37,6 +37,8 @@ def find_resume(cfg: TrainConfig) -> Resume:
       continues its optimizer, step and data order; trained with other experiment flags, a new run takes only its
       weights (step 0, a new optimizer). Nothing is ever written next to PATH.
     - PATH, a released or foreign file: its weights initialise a new run.
+    - A model folder or hub id (`disploss export`, SiT.save_pretrained): its weights initialise a new run, model and
+      EMA alike, with a fresh optimizer (fine-tuning).
     """
     if cfg.ckpt is None:
         return Resume()
@@ -72,7 +74,10 @@ def _latest_matching_run(cfg: TrainConfig) -> Resume:
 
 def _from_path(cfg: TrainConfig, path: str) -> Resume:
     from disploss.checkpoint import load_checkpoint
+    from disploss.hub import is_model_folder, looks_like_hub_id
 
+    if is_model_folder(path) or (not Path(path).expanduser().exists() and looks_like_hub_id(path)):
+        return _from_model_folder(path)
     state = load_checkpoint(path)
     if "step" not in state:  # a released or foreign file: its weights initialise a new run
         extra = " and optimizer state" if "opt" in state else ""
@@ -90,6 +95,17 @@ def _from_path(cfg: TrainConfig, path: str) -> Resume:
     return Resume(path, state, step, notes=[
         f"--ckpt {path} is not in a run folder of ours: a new run folder continues it (its optimizer, step {step} "
         "and data order); nothing is written next to it"
+    ])  # fmt: skip
+
+
+def _from_model_folder(path: str) -> Resume:
+    from disploss.checkpoint import load_folder, load_sit_weights
+    from disploss.hub import resolve
+
+    weights, _ = load_sit_weights(load_folder(resolve(path, flag="--ckpt")))  # checked finite
+    return Resume(path, {"model": weights, "ema": dict(weights)}, notes=[
+        f"--ckpt {path} is a model folder: a new run fine-tunes its weights (step 0, a fresh optimizer, the EMA "
+        "starting from the same weights)"
     ])  # fmt: skip
 
 
