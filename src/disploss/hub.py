@@ -55,6 +55,7 @@ __all__ = [
     "read_folder",
     "resolve",
     "save_pretrained",
+    "snapshot",
     "write_folder",
 ]
 
@@ -120,10 +121,21 @@ def resolve(
         raise MissingFileError(f"{flag} {text} is a file, not a model folder")
     if path.suffix in _FILE_SUFFIXES or not looks_like_hub_id(text):
         raise MissingFileError(f"{flag} {text}: no such file or model folder (nor a hub id of the form owner/name)")
-    return _snapshot(text, flag, revision, cache_dir)
+    return snapshot(text, flag=flag, revision=revision, cache_dir=cache_dir)
 
 
-def _snapshot(hub_id: str, flag: str, revision: str | None, cache_dir) -> Path:
+def snapshot(
+    hub_id: str, *, flag: str = "--ckpt", revision: str | None = None, cache_dir=None,
+    files: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME), patterns: list[str] | None = None,
+) -> Path:  # fmt: skip
+    """The local snapshot of a hub repository: from the cache when the hub cannot be reached, else fetched.
+
+    Args:
+        files: the files it must hold (a MissingFileError names the missing ones).
+        patterns: what to fetch (default: `files` and the card).
+    Raises:
+        HubUnavailableError: not cached and not fetchable (the message names a local folder as the fix).
+    """
     try:
         import huggingface_hub
     except ImportError:
@@ -136,8 +148,8 @@ def _snapshot(hub_id: str, flag: str, revision: str | None, cache_dir) -> Path:
         # Offline, only the local cache can have it: one look there, no download attempt and no retries.
         folder = Path(
             huggingface_hub.snapshot_download(
-                hub_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME], revision=revision,
-                cache_dir=cache_dir, local_files_only=unreachable is not None,
+                hub_id, allow_patterns=patterns or [*files, CARD_NAME], revision=revision, cache_dir=cache_dir,
+                local_files_only=unreachable is not None,
             )
         )  # fmt: skip
     except (OSError, ValueError) as err:
@@ -147,7 +159,7 @@ def _snapshot(hub_id: str, flag: str, revision: str | None, cache_dir) -> Path:
             f"({reason}). Without network access pass {flag} DIR, a local copy of the model folder (run `hf download "
             f"{hub_id} --local-dir DIR` where the hub is reachable)"
         ) from err
-    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
+    missing = [name for name in files if not (folder / name).is_file()]
     if missing:
         raise MissingFileError(
             f"{flag} {hub_id}: the hub repository (or its cached copy) has no {' and no '.join(missing)}: it is not a "

@@ -133,7 +133,7 @@ def _load(src: Path, trust: bool) -> Any:
 def export_folder(
     src: str | os.PathLike, out: str | os.PathLike, *, weights: str = "ema", trust: bool = False,
     metrics: str | os.PathLike | None = None, sample_config: str | os.PathLike | None = None,
-    license: str = "other", model_name: str | None = None, hub_id: str | None = None,
+    license: str = "other", model_name: str | None = None, num_heads: int | None = None, hub_id: str | None = None,
 ) -> tuple[Path, dict]:  # fmt: skip
     """Write the `weights` of checkpoint `src` to the model folder `out`, with its model card.
 
@@ -144,7 +144,8 @@ def export_folder(
         trust: load a pickle that carries code (RUNS CODE from the file; as `disploss convert-checkpoint --trust`).
         metrics, sample_config: see `read_evaluation` (the metrics must be of these weights: the fingerprints of
             the sample folder and of the weights agree).
-        license: the card's license id; model_name: for a file whose width does not say its heads.
+        license: the card's license id.
+        model_name, num_heads: for a file whose width does not say its heads (a preset name, or the number).
         hub_id: the id the folder will be pushed to, used in the card's commands (default: the folder's path).
     Returns:
         (out, config.json as written).
@@ -174,9 +175,13 @@ def export_folder(
         if (depth, hidden, patch) != (config["depth"], config["hidden_size"], config["patch_size"]):
             raise ConfigError(f"--model {model_name} does not match the checkpoint: it is {describe_config(config)}")
         config["num_heads"] = heads
+    if num_heads is not None:
+        if num_heads < 1 or config["hidden_size"] % num_heads:
+            raise ConfigError(f"--num-heads {num_heads} does not divide the width {config['hidden_size']}")
+        config["num_heads"] = num_heads
     if config["num_heads"] is None:
         raise ConfigError(f"cannot tell the attention heads of {src} (width {config['hidden_size']} is not a "
-                          "registered SiT width): pass --model NAME")  # fmt: skip
+                          "registered SiT width): pass --model NAME or --num-heads N")  # fmt: skip
     with torch.device("meta"):  # the shapes config.json promises, without the memory
         diff = shape_differences(state, SiT(**config).state_dict())
     if diff:

@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--license", default="other", help="the card's license id, e.g. mit, cc-by-nc-4.0")
     parser.add_argument("--model", default=None, metavar="NAME",
                         help="model preset (e.g. SiT-XL/2), for a file whose width does not say its heads")  # fmt: skip
+    parser.add_argument("--num-heads", type=int, default=None, metavar="N",
+                        help="attention heads, for a width that is no preset's (ours record them)")  # fmt: skip
     parser.add_argument("--trust", action="store_true",
                         help="load a pickled CKPT with weights_only=False (RUNS CODE from the file: only for files "
                              "you trust), as convert-checkpoint --trust")  # fmt: skip
@@ -41,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
         out, config = export_folder(
             args.ckpt, args.out, weights=args.weights, trust=args.trust, metrics=args.metrics,
-            sample_config=args.sample_config, license=args.license, model_name=args.model, hub_id=args.hub_id,
+            sample_config=args.sample_config, license=args.license, model_name=args.model,
+            num_heads=args.num_heads, hub_id=args.hub_id,
         )  # fmt: skip
         info = config["disploss"]
         name = info["model_name"] or "SiT"
