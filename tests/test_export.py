@@ -273,4 +273,5 @@ def test_evaluate_records_the_sample_folder_for_the_card(capsys, tmp_path, ours,
     assert record["sample_batch"] == str(npz) and record["fid"] == 99.5
     rc, _, err = export(capsys, ours["path"], tmp_path / "sit", "--metrics", tmp_path / "e.json")
     assert rc == 0, err
-    assert "| FID | 99.5 | 4 | ODE euler, 3 grid points, cfg 1.0, seed 0 |" in (tmp_path / "sit" / "README.md").read_text()
+    card = (tmp_path / "sit" / "README.md").read_text()
+    assert "| FID | 99.5 | 4 | ODE euler, 3 grid points, cfg 1.0, seed 0 |" in card
