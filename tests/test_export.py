@@ -89,6 +89,21 @@ def test_weights_model_exports_the_raw_weights(capsys, tmp_path, ours):
     assert "the raw (non-EMA) weights of `0000100.pt`" in (tmp_path / "raw" / "README.md").read_text()
 
 
+def test_a_meanflow_checkpoint_exports_a_meanflow_folder(capsys, tmp_path):
+    from test_pipeline import meanflow_sit
+    from test_sample import save_training_checkpoint
+
+    ema = meanflow_sit(0)
+    ckpt = save_training_checkpoint(tmp_path / "0000050.pt", ema, objective="meanflow")
+    assert export(capsys, ckpt, tmp_path / "mf")[0] == 0
+    config = json.loads((tmp_path / "mf" / CONFIG_NAME).read_text())
+    assert config["meanflow"] is True and config["disploss"]["training"]["objective"] == "meanflow"
+    assert SiT.from_pretrained(tmp_path / "mf").meanflow and same(weights(tmp_path / "mf"), ema)
+    card = (tmp_path / "mf" / "README.md").read_text()
+    assert "- meanflow" in card and "| objective | MeanFlow (average velocity, one-step sampling)" in card
+    assert f"python sample.py MeanFlow --ckpt {tmp_path / 'mf'}" in card
+
+
 @pytest.fixture(scope="module")
 def released(tmp_path_factory, reference, reference_config):
     """The reference fixture's weights in the released layouts: DispLoss ({'ema': ...}), SiT (a bare state dict),

@@ -11,7 +11,7 @@ import torch
 from disploss.errors import ConfigError
 from disploss.imageio import save_grid
 from disploss.models import SiT, create_model
-from test_sample import MODEL, call, random_sit, read_png
+from test_sample import MODEL, call, random_sit, read_png, save_training_checkpoint
 from trainkit import save_tiny_vae
 
 pytest.importorskip("diffusers")
@@ -52,10 +52,14 @@ def meanflow_sit(seed: int = 0) -> SiT:
 @pytest.mark.parametrize("cfg", [1.0, 2.0], ids=["cfg1", "cfg2"])
 def test_the_flow_scheduler_gives_sample_pys_images(capsys, tmp_path, cfg):
     # 4 Euler steps: t = 0, 1/4, 1/2, 3/4 (sigma = 1, 3/4, 1/2, 1/4) are exact in float32, so are the steps.
-    folder = random_sit(0).save_pretrained(tmp_path / "sit")
+    from disploss.checkpoint import export_folder
+
+    ckpt = save_training_checkpoint(tmp_path / "0000010.pt", random_sit(0))  # pixel space, stored in its args
+    folder = export_folder(ckpt, tmp_path / "sit")[0]
     expected = sample_py(capsys, tmp_path, folder, "ODE", "--sampling-method", "euler", "--num-sampling-steps", "5",
-                         "--vae", "none", "--cfg-scale", str(cfg))  # fmt: skip
-    pipe = SiTPipeline(SiT.from_pretrained(folder), FlowMatchEulerDiscreteScheduler())
+                         "--cfg-scale", str(cfg))  # fmt: skip
+    pipe = SiTPipeline.from_model(folder)  # the SiT, the scheduler, no VAE (the folder says: pixel space)
+    assert pipe.vae is None and pipe.config.path_type == "Linear"
     pipe.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(pipeline_grid(tmp_path, pipe, num_inference_steps=4, guidance_scale=cfg), expected)
 

@@ -99,7 +99,10 @@ class SiTPipeline(DiffusionPipeline):
         check_guidance(model, guide_channels)
         y = torch.tensor(list(class_labels), device=device)
         shape = (len(y), model.in_channels, model.input_size, model.input_size)
-        z = latents.to(device) if latents is not None else torch.randn(shape, generator=generator).to(device)
+        if latents is None:  # drawn where the generator lives (the CPU by default), as diffusers' randn_tensor
+            where = generator.device if generator is not None else torch.device("cpu")
+            latents = torch.randn(shape, generator=generator, device=where)
+        z = latents.to(device)
         if tuple(z.shape) != shape:
             raise ConfigError(f"latents must have shape {shape} (one per label), got {tuple(z.shape)}")
         model_fn, doubled = guided_model_fn(model, guidance_scale, guide_channels)
