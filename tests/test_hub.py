@@ -192,3 +192,18 @@ def test_sampling_flags_check_the_folder_like_a_checkpoint(capsys, tmp_path):
     rc, _, err = call(capsys, ["sample", "ODE", "--ckpt", str(folder), "--vae", "none", "--num-classes", "7",
                                "--out", str(tmp_path / "g.png")])  # fmt: skip
     assert rc == 2 and "y_embedder.embedding_table.weight" in err and "--num-classes 5" in err
+
+
+def test_train_ckpt_of_a_hub_id_or_a_missing_file(tmp_path, offline_cache, monkeypatch):
+    from disploss.training import TrainConfig
+    from disploss.training.run.resume import find_resume
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HubUnavailableError, match="--ckpt someone/not-cached: could not fetch the model"):
+        find_resume(TrainConfig(ckpt="someone/not-cached"))
+    with pytest.raises(MissingFileError, match="checkpoint not found: runs/0000100.pt"):  # a file name, no hub id
+        find_resume(TrainConfig(ckpt="runs/0000100.pt"))
+    _cache_hub_id(offline_cache, "someone/sit-t", random_sit(0).save_pretrained(tmp_path / "sit"))
+    resume = find_resume(TrainConfig(ckpt="someone/sit-t", model="SiT-T/2"))
+    assert resume.step == 0 and "opt" not in resume.state and "fine-tunes its weights" in resume.notes[0]
+    assert all(torch.equal(resume.state["ema"][k], v) for k, v in random_sit(0).state_dict().items())

@@ -51,6 +51,7 @@ __all__ = [
     "is_model_folder",
     "load_pretrained",
     "looks_like_hub_id",
+    "names_hub_id",
     "push_folder",
     "read_folder",
     "resolve",
@@ -83,6 +84,12 @@ def hub_unreachable(hub_id: str) -> str | None:
     except Exception as e:  # no connection, a timeout, an unknown or gated repository: cannot fetch it here
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def names_hub_id(text: str) -> bool:
+    """`text` is meant as a hub id: no such local path, of the form owner/name, and no file name (.pt, ...)."""
+    path = Path(os.path.expanduser(text))
+    return not path.exists() and looks_like_hub_id(text) and path.suffix not in _FILE_SUFFIXES
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:
@@ -119,7 +126,7 @@ def resolve(
         return path
     if path.exists():
         raise MissingFileError(f"{flag} {text} is a file, not a model folder")
-    if path.suffix in _FILE_SUFFIXES or not looks_like_hub_id(text):
+    if not names_hub_id(text):
         raise MissingFileError(f"{flag} {text}: no such file or model folder (nor a hub id of the form owner/name)")
     return snapshot(text, flag=flag, revision=revision, cache_dir=cache_dir)
 

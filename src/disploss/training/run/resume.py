@@ -74,9 +74,9 @@ def _latest_matching_run(cfg: TrainConfig) -> Resume:
 
 def _from_path(cfg: TrainConfig, path: str) -> Resume:
     from disploss.checkpoint import load_checkpoint
-    from disploss.hub import is_model_folder, looks_like_hub_id
+    from disploss.hub import is_model_folder, names_hub_id
 
-    if is_model_folder(path) or (not Path(path).expanduser().exists() and looks_like_hub_id(path)):
+    if is_model_folder(path) or names_hub_id(path):
         return _from_model_folder(path)
     state = load_checkpoint(path)
     if "step" not in state:  # a released or foreign file: its weights initialise a new run
