@@ -388,7 +388,7 @@ def save_npy(path: Path, array: np.ndarray) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array)
 
-    atomic_write(path, writer)
+    atomic_write(path, writer, size=array.nbytes)
 
 
 def write_shard(out: Path, shard: int, moments: np.ndarray, labels: np.ndarray) -> None:

@@ -42,7 +42,7 @@ def _check_images(images: np.ndarray, where: str) -> np.ndarray:
 
 
 def save_samples_npz(path: str | os.PathLike, images: np.ndarray) -> None:
-    """Write images as an ADM sample batch (key `arr_0`), atomically.
+    """Write images as an ADM sample batch (key `arr_0`), atomically (a full disk: disploss.fileio.DiskFullError).
 
     Args:
         path: destination file, written exactly as named (no `.npz` is appended).
@@ -55,7 +55,7 @@ def save_samples_npz(path: str | os.PathLike, images: np.ndarray) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **{IMAGES_KEY: images})
 
-    atomic_write(path, write)
+    atomic_write(path, write, size=images.nbytes)  # a full disk: one line naming the file and the space
 
 
 # What numpy and zipfile raise for a damaged archive or member (a bad header, a failed CRC, a cut stream).
