@@ -103,7 +103,9 @@ def test_meanflow_jvp_after_the_pass_with_gradient_keeps_its_capture():
     model(x, t, y, r=r, force_drop_ids=keep)
     with torch.no_grad():
         _, acts = model(x, t, y, r=r, force_drop_ids=keep, return_act=True)
-    meanflow_target(model, x, t, r, torch.randn_like(x), y=y, force_drop_ids=keep)  # the JVP pass, on dual tensors without gradient
+    meanflow_target(
+        model, x, t, r, torch.randn_like(x), y=y, force_drop_ids=keep
+    )  # the JVP pass, on dual tensors without gradient
     with torch.no_grad():
         model(x, t, y, r=t, force_drop_ids=torch.ones_like(y))  # a guidance pass
     assert [name for name, _ in reg._captured] == ["blocks.0", "blocks.1"]

@@ -353,7 +353,7 @@ def prepare_cache_folder(out: Path, plan: dict) -> None:
     plan_path = out / PLAN_NAME
     if plan_path.is_file():
         fix = f"its settings are unknown, so its shards cannot be reused: delete {out} or pass another --out"
-        old = read_json(plan_path, fix)
+        old = check_plan(read_json(plan_path, fix), plan_path, fix)
         diff = [k for k in PLAN_KEYS_COMPARED if old.get(k) != plan.get(k)]
         if diff:
             details = "; ".join(f"{k}: {_short(old.get(k))} there, {_short(plan.get(k))} now" for k in diff)
