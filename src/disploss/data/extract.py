@@ -161,7 +161,8 @@ def _encode_shards(cfg: ExtractConfig, info, codec, dataset, todo: list[int], ou
     for x, y in tqdm(loader, disable=not info.is_main, desc="extract-latents", unit="batch"):
         moments = encode_pair(codec, x.to(info.device, non_blocking=True))  # B 2 2 C h w
         computed = moments.cpu().numpy()
-        stored = computed.astype(store_dtype)
+        with np.errstate(over="ignore"):  # a float16 overflow is reported by _check_moments, naming the image
+            stored = computed.astype(store_dtype)
         _check_moments(computed, stored, indices[done : done + len(stored)], dataset)
         done += len(stored)
         buf_m.append(stored)
