@@ -37,9 +37,8 @@ def main() -> None:
             times[name].append(min(timeit.repeat(lambda reg=reg: (model(x), reg.loss()), number=50, repeat=3)) / 50)
             reg.remove()
     for name, values in times.items():
-        print(
-            f"{name}: median {statistics.median(values) * 1e6:.1f} us, min {min(values) * 1e6:.1f} us per forward + loss()"
-        )
+        median, fastest = statistics.median(values) * 1e6, min(values) * 1e6
+        print(f"{name}: median {median:.1f} us, min {fastest:.1f} us per forward + loss()")
     ratios = [n / b for n, b in zip(times["new"], times["base"])]
     q = statistics.quantiles(ratios, n=4)
     print(f"new / base per round: median {statistics.median(ratios):.3f}, quartiles {q[0]:.3f}-{q[2]:.3f}")

@@ -3,15 +3,19 @@ to every entry point that reads it, ends in one line naming the file (status 2),
 run in this process (disploss.commands.main.main); each table has a positive control, the undamaged file through the
 same entry points, so that a row cannot pass for a reason other than the damage.
 
-| file kind | entry points | damage |
-|---|---|---|
-| training checkpoint .pt | train --ckpt, sample, sample-ddp, convert-checkpoint | empty, truncated, flipped bytes, NaN weight, wrong shape, integer weight, pickled class, not a checkpoint |
-| .safetensors | sample, sample-ddp | empty, truncated, flipped header byte, NaN weight, wrong shape, not safetensors |
-| latent shard | train --latents | empty, truncated, flipped header, NaN, out of range, wrong shape, wrong dtype, object array, bad label |
-| manifest.json | train --latents | empty, truncated, a list, wrong type, missing field, wrong shape |
-| plan.json | train --latents (unfinished cache), extract-latents (rerun) | empty, truncated, wrong type |
-| .npz | evaluate (as the sample and as the reference batch) | empty, truncated, bad CRC, object array, float images, wrong shape, string / NaN statistics, .npy |
-| image | train, extract-latents | truncated, flipped header byte, empty, not an image: skipped with a warning naming it (log.txt too), or one line with --on-bad-image error |
+- training checkpoint .pt, through train --ckpt, sample, sample-ddp, convert-checkpoint: empty, truncated, flipped
+  bytes, a NaN weight, a wrong shape, an integer weight, a pickled class, not a checkpoint;
+- .safetensors, through sample, sample-ddp: empty, truncated, a flipped header byte, a NaN weight, a wrong shape, not
+  safetensors;
+- latent shard, through train --latents: empty, truncated, a flipped header, NaN, out of range, wrong shape, wrong
+  dtype, an object array, a bad label;
+- manifest.json, through train --latents: empty, truncated, a list, a wrong type, a missing field, a wrong shape;
+- plan.json, through train --latents (an unfinished cache) and extract-latents (the rerun): empty, truncated, a
+  wrong type;
+- .npz, through evaluate as the sample and as the reference batch: empty, truncated, a bad CRC, an object array,
+  float images, a wrong shape, string / object / NaN statistics, a .npy;
+- image, through train and extract-latents: truncated, a flipped header byte, empty, not an image: skipped with a
+  warning naming it (log.txt too), or one line with --on-bad-image error.
 
 What no check here can find, and the docs say so (docs/operations.md): a changed byte inside a latent shard's data or a
 compressed image's pixel data that leaves a plausible value (neither format carries checksums; checkpoints do).
@@ -91,6 +95,10 @@ def _set(key: str, value):
     return change
 
 
+def _nan_row(t: torch.Tensor) -> torch.Tensor:
+    return t.index_fill(0, torch.tensor([3]), float("nan"))
+
+
 def _pickled_class(path: Path) -> None:
     import argparse
 
@@ -113,7 +121,7 @@ CHECKPOINT_DAMAGE = {
     "empty": lambda p: p.write_bytes(b""),
     "truncated": truncate,
     "flipped bytes": lambda p: flip(p, _data_record_offset(p)),
-    "NaN weight": lambda p: _resaved(p, _set("blocks.0.attn.qkv.weight", lambda t: t.index_fill(0, torch.tensor([3]), float("nan")))),
+    "NaN weight": lambda p: _resaved(p, _set("blocks.0.attn.qkv.weight", _nan_row)),
     "wrong shape": lambda p: _resaved(p, _set("pos_embed", lambda t: t[:, :-1].clone())),
     "integer weight": lambda p: _resaved(p, _set("final_layer.linear.weight", lambda t: (t * 1e4).to(torch.int64))),
     "pickled class": _pickled_class,

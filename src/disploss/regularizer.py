@@ -29,7 +29,7 @@ graph survives it. A layer that runs k times in one forward (a shared block) is 
 (`last_values` holds that mean), so `loss()` stays weight * mean over the layers. Captures are not copied: a layer
 output changed in place after its hook (`x += ...`, an in-place activation) would regularise a value the layer did
 not output, so `loss()` refuses it, naming the layer (the tensor's version counter, checked for free; not under
-torch.compile, whose graphs are functional).
+torch.compile, which does not trace it: there such a change is regularised unchecked).
 """
 
 from __future__ import annotations

@@ -148,8 +148,10 @@ def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
             f"latent cache shard {path} is not a readable .npy file ({err}); delete it and {RERUN}"
         ) from err
     if fortran or dtype.hasobject:
-        raise ConfigError(f"latent cache shard {path} holds {'Python objects' if dtype.hasobject else 'a Fortran-order array'}, "
-                          f"not what extract-latents writes; delete it and {RERUN}")  # fmt: skip
+        what = "Python objects" if dtype.hasobject else "a Fortran-order array"
+        raise ConfigError(
+            f"latent cache shard {path} holds {what}, not what extract-latents writes; delete it and {RERUN}"
+        )
     return tuple(shape), dtype, offset
 
 
@@ -168,10 +170,10 @@ def check_shard_file(path: str, shape: tuple[int, ...], dtypes: tuple[str, ...])
         )
     size, want = os.path.getsize(path), offset + math.prod(shape) * dtype.itemsize
     if size != want:
+        what = "truncated" if size < want else "extra bytes"
         raise ConfigError(
-            f"latent cache shard {path} is {size} bytes, its header announces {want} ({'truncated' if size < want else 'extra bytes'}); "
-            f"delete it and {RERUN}"
-        )  # fmt: skip
+            f"latent cache shard {path} is {size} bytes, its header announces {want} ({what}); delete it and {RERUN}"
+        )
 
 
 class LatentsDataset(torch.utils.data.Dataset):
@@ -321,7 +323,8 @@ class LatentsDataset(torch.utils.data.Dataset):
         else:
             nan, inf = int(np.isnan(m).sum()), int(np.isinf(m).sum())
             large = int((np.abs(np.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)) > MAX_MOMENT).sum())
-            what = f"non-finite or out-of-range moments ({nan} NaN, {inf} infinite, {large} beyond +-{MAX_MOMENT:g} of {m.size})"
+            counts = f"{nan} NaN, {inf} infinite, {large} beyond +-{MAX_MOMENT:g} of {m.size}"
+            what = f"non-finite or out-of-range moments ({counts})"
             where = moments_name(k)
         raise ConfigError(
             f"latent cache {self.root}: item {k * self.shard_size + j} (row {j} of {where}) holds {what}: the file is "

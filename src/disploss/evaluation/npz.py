@@ -26,8 +26,10 @@ STATISTICS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 def _check_image_layout(dtype: np.dtype, shape: tuple[int, ...], where: str) -> None:
     if dtype.hasobject:
-        raise ConfigError(f"{where}: images are an object array (pickled Python objects), refused without unpickling "
-                          "them; write uint8 (N, H, W, 3) images, e.g. with disploss.evaluation.save_samples_npz")  # fmt: skip
+        raise ConfigError(
+            f"{where}: images are an object array (pickled Python objects), refused without unpickling them; write "
+            "uint8 (N, H, W, 3) images, e.g. with disploss.evaluation.save_samples_npz"
+        )
     if dtype != np.uint8:
         raise ConfigError(f"{where}: images must be uint8 in [0, 255], found dtype {dtype}")
     if len(shape) != 4 or shape[-1] != 3:
