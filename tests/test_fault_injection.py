@@ -127,15 +127,6 @@ CHECKPOINT_DAMAGE = {
     "pickled class": _pickled_class,
     "not a checkpoint": lambda p: p.write_bytes(b"this is a text file, not a checkpoint\n" * 20),
 }  # fmt: skip
-# Rows whose one line depends on issue 20.1-2 / 21 (weights checks on every load path: checkpoint/sit.py,
-# sampling/load.py, training/run/resume.py), not merged here: an integer weight loads (cast to float), and the
-# "inconsistent SiT shapes" of a wrong shape does not name the file. Strict: a row that starts passing fails here,
-# so that its mark is removed.
-PENDING = "issue 20.2: weights checks on every load path"
-CHECKPOINT_PENDING = {
-    *(("integer weight", e) for e in ("train", "sample", "sample-ddp")),
-    *(("wrong shape", e) for e in ("train", "sample", "sample-ddp")),
-}
 # convert-checkpoint of a plain checkpoint copies its tensors as they are (no SiT check: the file that uses them
 # does it), so these two go through it; the others are refused by load_checkpoint.
 CHECKPOINT_COPIED = {("integer weight", "convert-checkpoint"), ("wrong shape", "convert-checkpoint")}
@@ -164,9 +155,7 @@ def test_an_undamaged_checkpoint_passes_every_entry_point(trained, images, tmp_p
 
 @pytest.mark.parametrize("entry", CHECKPOINT_ENTRIES)
 @pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGE))
-def test_a_damaged_checkpoint_is_one_line_naming_it(trained, images, tmp_path, capsys, damage, entry, request):
-    if (damage, entry) in CHECKPOINT_PENDING:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=PENDING))
+def test_a_damaged_checkpoint_is_one_line_naming_it(trained, images, tmp_path, capsys, damage, entry):
     ckpt = tmp_path / "0000001.pt"
     ckpt.write_bytes(trained.read_bytes())
     CHECKPOINT_DAMAGE[damage](ckpt)
@@ -216,7 +205,6 @@ SAFETENSORS_DAMAGE = {
     "wrong shape": _resaved_safetensors(_shorter_pos_embed),
     "not safetensors": lambda p: p.write_bytes(b"\x00" * 64),
 }
-SAFETENSORS_PENDING = {(d, e) for d in ("NaN weight", "wrong shape") for e in ("sample", "sample-ddp")}
 
 
 def safetensors_entry(entry: str, path: Path, images: Path, tmp: Path) -> list:
@@ -231,9 +219,7 @@ def test_an_undamaged_safetensors_file_passes(exported, images, tmp_path, capsys
 
 @pytest.mark.parametrize("entry", ["sample", "sample-ddp"])
 @pytest.mark.parametrize("damage", list(SAFETENSORS_DAMAGE))
-def test_a_damaged_safetensors_file_is_one_line_naming_it(exported, images, tmp_path, capsys, damage, entry, request):
-    if (damage, entry) in SAFETENSORS_PENDING:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=PENDING))
+def test_a_damaged_safetensors_file_is_one_line_naming_it(exported, images, tmp_path, capsys, damage, entry):
     path = tmp_path / "ema.safetensors"
     path.write_bytes(exported.read_bytes())
     SAFETENSORS_DAMAGE[damage](path)

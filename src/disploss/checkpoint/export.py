@@ -168,7 +168,7 @@ def export_folder(
         raise ConfigError("--sample-config goes with --metrics (the sampler settings of its numbers)")
 
     obj = _load(src, trust)
-    state, config = load_sit_weights(obj, prefer=weights, strict=True)
+    state, config = load_sit_weights(obj, prefer=weights, strict=True, source=str(src))
     _, part = select_weights(obj, weights, str(src), strict=True)
     if model_name is not None:
         depth, hidden, heads, patch = parse_model_name(model_name)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from disploss.checkpoint.io import CheckpointError, import_safetensors, load_checkpoint
+from disploss.checkpoint.io import CheckpointError, CorruptCheckpointError, import_safetensors, load_checkpoint
 from disploss.errors import ConfigError
 from disploss.statedict import shape_differences as _shape_diff
 
@@ -188,7 +188,7 @@ def load_folder(folder: str | os.PathLike) -> dict:
 
 
 def load_sit_weights(
-    path_or_state: str | os.PathLike | Mapping, prefer: str = "ema", strict: bool = False
+    path_or_state: str | os.PathLike | Mapping, prefer: str = "ema", strict: bool = False, source: str | None = None
 ) -> tuple[dict, dict]:
     """SiT weights and their configuration from any of the known checkpoint layouts.
 
@@ -201,17 +201,19 @@ def load_sit_weights(
         path_or_state: a file path (.pt / .pth / .safetensors), a model folder, or an already loaded object.
         prefer: "ema" or "model": which weights to take when both are present (the other one otherwise).
         strict: the other one is not taken instead (see `select_weights`).
+        source: the file an already loaded object came from, named in the errors.
     Returns:
         (state_dict, config): state dict with official key names; SiT constructor arguments inferred from the
         shapes (num_heads from a stored config / model name, else the reference value for the width).
     Raises:
-        ValueError: bad `prefer`; CheckpointError (a ValueError) when no SiT weights are found.
+        ValueError: bad `prefer`; CheckpointError (a ValueError) when no SiT weights are found, a weight is not
+            floating point, or the shapes do not make a SiT (each naming the file).
     """
     if prefer not in WEIGHT_CHOICES:
         raise ConfigError(f"prefer={prefer!r}; valid choices: {', '.join(WEIGHT_CHOICES)}")
     stored: dict = {}
     if isinstance(path_or_state, Mapping):
-        obj, source = path_or_state, "the given state"
+        obj, source = path_or_state, source or "the given state"
     else:
         path = Path(path_or_state)
         source = str(path)
@@ -231,7 +233,16 @@ def load_sit_weights(
             heads = _heads_for(0, model_name)
         except ValueError:
             heads = None
-    config = infer_sit_config(weights, num_heads=heads)
+    not_float = next(((k, v.dtype) for k, v in weights.items() if not v.is_floating_point()), None)
+    if not_float is not None:
+        raise CorruptCheckpointError(
+            f"{source}: {not_float[0]} is {str(not_float[1]).removeprefix('torch.')}, but every SiT weight is floating "
+            "point: the file is damaged or not a SiT checkpoint"
+        )
+    try:
+        config = infer_sit_config(weights, num_heads=heads)
+    except CheckpointError as err:
+        raise type(err)(f"{source}: {err}") from None
     if "class_dropout_prob" in stored:
         config["class_dropout_prob"] = stored["class_dropout_prob"]
     return weights, config

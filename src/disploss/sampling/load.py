@@ -176,7 +176,7 @@ def load_for_sampling(
     )
 
     prefer, strict = spec.weights or "ema", spec.weights is not None
-    weights, file_cfg = load_sit_weights(source, prefer=prefer, strict=strict)
+    weights, file_cfg = load_sit_weights(source, prefer=prefer, strict=strict, source=label)
     part = select_weights(source, prefer, label, strict=strict)[1]
     if mode is not None:
         check_mode(mode, file_cfg["meanflow"], spec.ckpt or path)

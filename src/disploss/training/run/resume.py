@@ -143,7 +143,7 @@ def load_weights(model: torch.nn.Module, state: dict, prefer: str, path, cfg: Tr
     from disploss.checkpoint import infer_sit_config, load_sit_weights
     from disploss.checkpoint.sit import mismatch_causes
 
-    weights, _ = load_sit_weights(state, prefer=prefer)
+    weights, _ = load_sit_weights(state, prefer=prefer, source=str(path))
     model_sd = model.state_dict()
     fits = weights.keys() == model_sd.keys() and all(weights[k].shape == v.shape for k, v in model_sd.items())
     if not fits:
