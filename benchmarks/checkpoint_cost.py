@@ -1,10 +1,12 @@
-"""What the checksums and the finiteness check of training checkpoints cost, on a real training state.
+"""What the checksums, the finiteness check and the weights' fingerprint of training checkpoints cost, on a real
+training state.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/checkpoint_cost.py --model SiT-B/2 --dir /tmp
 
 Builds the model, one AdamW step (so the optimizer holds its moments), an EMA copy, and times: the CRC-32 of every
 tensor, save_checkpoint without / with checksums, load_checkpoint without / with verification (median of --repeat
-runs; the file is in the page cache after the first write, so the times are CPU costs, not the disk's).
+runs; the file is in the page cache after the first write, so the times are CPU costs, not the disk's), and the
+fingerprint of the EMA weights that keys a sample folder (disploss.statedict.fingerprint).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from disploss.checkpoint import load_checkpoint, save_checkpoint
 from disploss.checkpoint.io import tensor_checksums, verify_checkpoint
 from disploss.models import create_model
+from disploss.statedict import fingerprint
 
 
 def timed(fn, repeat: int) -> float:
@@ -47,6 +50,7 @@ def main() -> None:
     path = Path(args.dir) / "checkpoint_cost.pt"
     rows = {
         "crc32 of every tensor": timed(lambda: tensor_checksums(state), args.repeat),
+        "fingerprint of the EMA weights": timed(lambda: fingerprint(state["ema"]), args.repeat),
         "save, no checksums": timed(lambda: save_checkpoint(path, state), args.repeat),
         "save, with checksums": timed(lambda: save_checkpoint(path, state, checksums=True), args.repeat),
         "load, not verified": timed(lambda: load_checkpoint(path, verify=False), args.repeat),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from disploss.checkpoint import load_sit_weights
 from disploss.dispersive import dispersive_loss
 from disploss.meanflow import (
     MeanFlowSettings,
@@ -23,6 +24,7 @@ from disploss.meanflow import (
 )
 from disploss.models import SiT, math_attention
 from disploss.regularizer import DispersiveRegularizer
+from disploss.statedict import fingerprint
 from disploss.transport import create_transport
 from test_sample import call, random_sit, save_training_checkpoint
 
@@ -424,7 +426,8 @@ def test_sample_ddp_meanflow_npz_and_calls_per_image(capsys, tmp_path, mf_ckpts,
         assert rc == 0, err
         assert calls == [int(bs)] * (2 * (5 // int(bs)))  # 2 calls per batch, each image in exactly one batch
         (npz,) = (tmp_path / bs).glob("*.npz")
-        assert npz.name == "SiT-T-2-0000100-size-8-vae-none-cfg-1.0-seed-0-MeanFlow-2-uniform.npz"
+        weights = fingerprint(load_sit_weights(mf_ckpts["meanflow"])[0])  # sample folders are keyed by the weights
+        assert npz.name == f"SiT-T-2-0000100-ema-{weights}-size-8-vae-none-cfg-1.0-seed-0-MeanFlow-2-uniform.npz"
         npzs.append(np.load(npz)["arr_0"])
     assert npzs[0].shape == (5, 8, 8, 3)
     assert np.abs(npzs[0].astype(int) - npzs[1].astype(int)).max() <= 1

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from disploss.checkpoint import load_sit_weights
 from disploss.evaluation.npz import load_samples_npz
 from disploss.sampling import ddp as sample_ddp
 from disploss.sampling import folder as sample_folder
+from disploss.statedict import fingerprint
 from test_sample import call, random_sit, save_training_checkpoint
 from trainkit import run_python, torchrun
 
@@ -120,7 +122,8 @@ def test_npz_format(capsys, tmp_path, ckpt):
     rc, out, err = run_ddp(capsys, ckpt, tmp_path, ODE, "--per-proc-batch-size", "4", "--cfg-scale", "1.5")
     assert rc == 0, err
     folder, npz = outputs(tmp_path)
-    assert folder.name == "SiT-T-2-0000100-size-8-vae-none-cfg-1.5-seed-0-ODE-4-euler"
+    weights = fingerprint(load_sit_weights(ckpt)[0])  # the folder is keyed by the EMA weights' content
+    assert folder.name == f"SiT-T-2-0000100-ema-{weights}-size-8-vae-none-cfg-1.5-seed-0-ODE-4-euler"
     assert pngs(folder) == [f"{i:06d}.png" for i in range(N)]
     assert sorted(p.name for p in folder.iterdir() if p.suffix != ".png") == ["sample_config.json"]
     with np.load(npz) as data:

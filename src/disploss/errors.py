@@ -13,6 +13,7 @@ __all__ = [
     "HubUnavailableError",
     "MissingDependencyError",
     "MissingFileError",
+    "NonFiniteWeightsError",
     "UsageError",
 ]
 
@@ -35,3 +36,7 @@ class MissingDependencyError(UsageError, ImportError):
 
 class HubUnavailableError(UsageError, OSError):
     """A model could not be fetched from the Hugging Face hub (offline, or an unknown id)."""
+
+
+class NonFiniteWeightsError(UsageError, ValueError):
+    """Weights that hold NaN or infinite values (a diverged run, or damage), refused on load with the tensor named."""

@@ -5,13 +5,19 @@ written into, and that an output file would neither fail to be written nor overw
 
 Files get the mode a plain `open()` would give them (0644 under the usual umask 022), not mkstemp's 0600: the
 checkpoints, grids and .npz files of a run are meant to be read by teammates and by other jobs.
+
+A write that fails for lack of space (ENOSPC, EDQUOT) raises `DiskFullError`, one line naming the file, the space
+free and the space it needed, instead of a bare "[Errno 28] No space left on device"; files that grow by lines
+(`LineFile`: log.txt, metrics.jsonl) never keep half a line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,13 +25,44 @@ from typing import Any
 
 from disploss.errors import UsageError
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(UsageError, OSError):
+    """A file could not be written for lack of space (a full disk or a quota); nothing half-written was left.
+
+    `strerror` is the reason with the space free and needed; str() is the whole line, naming the file.
+    """
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+def disk_full_error(path: str | os.PathLike, err: OSError, needed: int | None = None) -> DiskFullError:
+    """The DiskFullError of a failed write of `path` (err: the OSError with ENOSPC or EDQUOT).
+
+    Args:
+        needed: the bytes the file needed when known (else unsaid).
+    """
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = f"{shutil.disk_usage(folder).free} bytes free in {folder}"
+    except OSError:
+        free = f"the free space of {folder} unknown"
+    wanted = f", at least {needed} bytes needed" if needed is not None else ""
+    reason = os.strerror(err.errno) if err.errno else "No space left on device"
+    return DiskFullError(err.errno or errno.ENOSPC, f"{reason} ({free}{wanted})", str(path))
+
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
 
     The rename is atomic on POSIX file systems, so `path` either keeps its old content or gets the new one
-    whole. On an exception the temporary file is removed and `path` is untouched.
+    whole. On an exception the temporary file is removed and `path` is untouched; a full disk or quota is a
+    `DiskFullError` naming `path` (with `size`, the bytes it needs when known, else those written before it failed).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +78,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except OSError as err:
+        if err.errno not in DISK_FULL_ERRNOS or isinstance(err, DiskFullError):
+            raise
+        if size is None:
+            with contextlib.suppress(OSError):
+                size = tmp_path.stat().st_size  # what was written before it failed: at least that much is needed
+                size = None if size == 0 else size
+        raise disk_full_error(path, err, size) from err
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -49,6 +94,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def file_mode() -> int:
     """The mode `open(path, "w")` gives a new file: 0o666 without the bits of the process's umask."""
     return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The mode `mkdir(path)` gives a new folder: 0o777 without the bits of the process's umask."""
+    return 0o777 & ~_umask()
 
 
 def _umask() -> int:
@@ -75,15 +125,56 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> None:
-    """Call `writer(tmp_path)` to produce the file, then move it atomically to `path`."""
-    with atomic_path(path) as tmp:
+def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any], size: int | None = None) -> None:
+    """Call `writer(tmp_path)` to produce the file, then move it atomically to `path` (`size`: its bytes, when known
+    beforehand, for the message of a full disk)."""
+    with atomic_path(path, size) as tmp:
         writer(tmp)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically."""
-    atomic_write(path, lambda p: p.write_bytes(data))
+    atomic_write(path, lambda p: p.write_bytes(data), len(data))
+
+
+class LineFile:
+    """A file that grows by whole lines (a log): each line is appended with one os.write on an O_APPEND descriptor
+    (no buffer to flush), and a line that could not be written whole (a full disk) is cut off again, so that a
+    reader, or a killed process, never leaves half a line.
+
+    Args:
+        path: the file, created if missing (with the mode `open()` would give it).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+
+    def write(self, line: str) -> None:
+        """Append `line` (which ends with a newline) whole, or not at all.
+
+        Raises:
+            DiskFullError: naming the file, with the space free and the line's size; the file is as before.
+            OSError: any other failure, after the same repair.
+        """
+        data = line.encode("utf-8")
+        start = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, start)  # needs no space: the partial line goes
+            if err.errno in DISK_FULL_ERRNOS:
+                raise disk_full_error(self.path, err, len(data)) from err
+            raise
+
+    def close(self) -> None:
+        """Close the file (safe to call twice)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -45,12 +45,17 @@ def make_grid(images: np.ndarray, nrow: int, padding: int = 2) -> np.ndarray:
 
 
 def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
-    """Write a uint8 (H, W, 3) array as PNG, atomically."""
+    """Write a uint8 (H, W, 3) array as PNG, atomically; encoded in memory first, so that a full disk is one line
+    naming the file and the bytes it needed (disploss.fileio.DiskFullError)."""
+    import io
+
     from PIL import Image
 
-    from disploss.fileio import atomic_write
+    from disploss.fileio import atomic_write_bytes
 
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int = 8, zoom: int = 1) -> None:

@@ -11,7 +11,9 @@ one architecture, read together against the released checkpoints.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -279,6 +281,46 @@ class SiT(nn.Module):
             "learn_sigma": self.learn_sigma,
             "meanflow": self.meanflow,
         }
+
+    # -- model folders (disploss.hub): config.json + model.safetensors, the layout of huggingface_hub's mixin ------
+    def save_pretrained(self, save_directory: str | os.PathLike, *, info: dict | None = None) -> Path:
+        """Save as a model folder: config.json (`config()`), model.safetensors and, if absent, a short README.md.
+
+        Args:
+            save_directory: the folder (a new or empty one appears whole).
+            info: config.json's "disploss" entry, how the weights were made (`disploss export` fills it).
+        Returns:
+            The folder.
+        """
+        from disploss.hub import save_pretrained
+
+        return save_pretrained(self, save_directory, info)
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, *, revision: str | None = None, cache_dir=None, device="cpu"
+    ) -> SiT:
+        """A SiT from a model folder or a Hugging Face hub id ("owner/name"), in eval mode.
+
+        The weights must fit config.json (each differing key is named with both shapes) and be finite (the first
+        non-finite tensor is named). An uncached hub id without network access is a one-line error naming a local
+        folder as the fix.
+        """
+        from disploss.hub import load_pretrained
+
+        return load_pretrained(cls, name_or_path, revision=revision, cache_dir=cache_dir, device=device)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None) -> str:
+        """Save to a temporary folder and upload it to the hub repository `repo_id` (created when missing); returns
+        the commit URL. A folder written by `disploss export` (with its full model card) is pushed with
+        disploss.hub.push_folder."""
+        import tempfile
+
+        from disploss.hub import push_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model")
+            return push_folder(folder, repo_id, private=private, token=token)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, p*p*C) -> (B, C, H, W); feature order (p, q, c) with c fastest."""

@@ -18,12 +18,25 @@ module is in eval mode, when gradients are off (torch.no_grad, inference), or wh
 recomputes the forward inside backward: a checkpointed layer contributes its first forward only. Inside a
 *reentrant* checkpoint (use_reentrant=True) the first forward runs without gradients, so such a layer is not
 captured at all: `loss()` warns (once) naming the layers that captured nothing.
+
+A capture belongs to one forward, one call of the model given (unwrapped: the module that DDP or torch.compile
+calls). A forward that would capture (training mode, gradients on) starts clean: the captures of an earlier forward
+that no `loss()` consumed are dropped, so a loop that runs the model in training mode without `loss()` (an eval loop
+that forgot `model.eval()`) keeps one forward's captures, never more; forwards without gradient (torch.no_grad,
+MeanFlow's JVP and guidance passes) leave them alone, before or after the pass with gradient. A forward that raises
+drops its captures at once (with torch.compile: when the next forward starts), so neither its partial term nor its
+graph survives it. A layer that runs k times in one forward (a shared block) is one term: the mean of its k values
+(`last_values` holds that mean), so `loss()` stays weight * mean over the layers. Captures are not copied: a layer
+output changed in place after its hook (`x += ...`, an in-place activation) would regularise a value the layer did
+not output, so `loss()` refuses it, naming the layer (the tensor's version counter, checked for free; not under
+torch.compile, which does not trace it: there such a change is regularised unchecked).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -142,6 +155,13 @@ def _in_backward() -> bool:
     return task is not None and task() != -1
 
 
+def _mean_stats(stats: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    # dispersion_stats of a layer's calls in one forward, averaged stat by stat (one call: as is).
+    if len(stats) == 1:
+        return stats[0]
+    return {k: torch.stack([s[k].float() for s in stats]).mean() for k in stats[0]}
+
+
 class DispersiveRegularizer:
     """Dispersive loss on chosen layers of a model, captured by forward hooks.
 
@@ -154,7 +174,8 @@ class DispersiveRegularizer:
             weight * dL_global / dtheta.
     Attributes:
         layer_names: the resolved module names, in model order.
-        last_values: {layer name: detached dispersive value} of the last `loss()` call.
+        last_values: {layer name: detached dispersive value} of the last `loss()` call: the layer's term (the mean
+            over its calls, for a layer that ran more than once in the forward).
         last_diagnostics: {layer name: {stat: 0-d tensor}} (disploss.dispersive.dispersion_stats) of the last
             `loss()` call after `request_diagnostics()`.
         enabled: False makes the hooks capture nothing (the regulariser stays attached).
@@ -186,18 +207,38 @@ class DispersiveRegularizer:
         self.layer_names = resolve_layers(model, layers)
         self.last_values: dict[str, torch.Tensor] = {}
         self.last_diagnostics: dict[str, dict[str, torch.Tensor]] = {}
-        self._captured: list[tuple[str, torch.Tensor]] = []
+        self._captured: list[tuple[str, torch.Tensor]] = []  # (layer, output) of the current forward, in call order
+        self._versions: list[int | None] = []  # each output's version counter when captured (None under compile)
         self._diagnose = False
         self._warned_missing = False
-        modules = dict(unwrap_model(model).named_modules())
+        root = unwrap_model(model)
+        modules = dict(root.named_modules())
         self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.layer_names]
+        # One forward of the root bounds the captures: it starts clean, and a forward that raises drops its own.
+        self._handles.append(root.register_forward_pre_hook(self._start_forward))
+        self._handles.append(root.register_forward_hook(self._end_forward, always_call=True))
 
     # -- capture ------------------------------------------------------------------------------------------------
+    def _captures_now(self, module: nn.Module) -> bool:
+        # Whether a forward of `module` now is one that captures: enabled, training mode, gradients on, and not the
+        # recomputation of activation checkpointing inside backward.
+        if not self.enabled or not module.training or not torch.is_grad_enabled():
+            return False
+        return torch.compiler.is_compiling() or not _in_backward()
+
+    def _start_forward(self, module: nn.Module, args) -> None:
+        if self._captures_now(module) and self._captured:  # captures no loss() consumed: of an earlier forward
+            self._captured, self._versions = [], []
+
+    def _end_forward(self, module: nn.Module, args, output) -> None:
+        # always_call: torch calls this with output None when the forward raised (never under torch.compile, whose
+        # next forward starts clean instead); the failed forward's captures, and the graph they hold, go now.
+        if output is None and sys.exc_info()[1] is not None:
+            self._captured, self._versions = [], []
+
     def _hook(self, name: str):
         def hook(module: nn.Module, args, output) -> None:
-            if not self.enabled or not module.training or not torch.is_grad_enabled():
-                return
-            if not torch.compiler.is_compiling() and _in_backward():
+            if not self._captures_now(module):
                 return
             z = _first_tensor(output)
             if z is None:
@@ -208,20 +249,39 @@ class DispersiveRegularizer:
             if z.dim() < 2:
                 raise ConfigError(f"layer {name!r} returned a tensor of shape {tuple(z.shape)}; need (B, ...)")
             self._captured.append((name, z))
+            self._versions.append(None if torch.compiler.is_compiling() else z._version)
 
         return hook
 
+    def _take(self) -> list[tuple[str, list[torch.Tensor]]]:
+        """The current forward's captures, grouped by layer in model order, and cleared; an output changed in place
+        since its capture is refused."""
+        captured, versions = self._captured, self._versions
+        self._captured, self._versions = [], []
+        grouped: dict[str, list[torch.Tensor]] = {}
+        for (name, z), version in zip(captured, versions):
+            if version is not None and z._version != version:
+                raise ConfigError(
+                    f"DispersiveRegularizer: the output of layer {name!r} was changed in place after its hook captured "
+                    "it (an in-place op such as `x += ...` or ReLU(inplace=True) on it), so the term would regularise "
+                    "a value the layer did not output; make that op out of place, or regularise a layer after it"
+                )
+            grouped.setdefault(name, []).append(z)
+        return [(name, grouped[name]) for name in self.layer_names if name in grouped]
+
     # -- the loss -----------------------------------------------------------------------------------------------
     def loss(self) -> torch.Tensor:
-        """weight * mean over the captures since the last call of dispersive_loss(z); clears the captures.
+        """weight * mean over the layers captured in the last forward of dispersive_loss(z) (a layer that ran k
+        times: the mean of its k values); clears the captures.
 
         Returns:
             A 0-d float32 tensor (float64 for float64 activations) that carries the gradient.
         Raises:
             RuntimeError: nothing was captured since the last call (the model was not run in training mode with
-                gradients, or its hooked layers were not called).
+                gradients, or its hooked layers were not called, or that forward raised).
+            ConfigError: a captured output was changed in place after its hook (naming the layer).
         """
-        captured, self._captured = self._captured, []
+        captured = self._take()
         if not captured:
             raise RuntimeError(
                 f"DispersiveRegularizer: nothing captured from {', '.join(self.layer_names)} since the last loss(); "
@@ -239,7 +299,7 @@ class DispersiveRegularizer:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        batch = captured[0][1].shape[0]
+        batch = captured[0][1][0].shape[0]
         if batch < 2 and not (self.gather and _world_size() > 1):
             raise ConfigError(
                 "DispersiveRegularizer: a batch of 1 makes the dispersive loss constant (no gradient); it needs at "
@@ -247,13 +307,16 @@ class DispersiveRegularizer:
             )
         diagnose, self._diagnose = self._diagnose, False
         values, terms = {}, []
-        for name, z in captured:
-            value = dispersive_loss(z, self.variant, tau=self.tau, margin=self.margin, gather=self.gather)
+        for name, outputs in captured:
+            calls = [
+                dispersive_loss(z, self.variant, tau=self.tau, margin=self.margin, gather=self.gather) for z in outputs
+            ]
+            value = calls[0] if len(calls) == 1 else torch.stack(calls).mean()  # one term per layer
             terms.append(value)
             values[name] = value.detach()
             if diagnose:
                 with torch.no_grad():
-                    self.last_diagnostics[name] = dispersion_stats(z.detach(), self.tau)
+                    self.last_diagnostics[name] = _mean_stats([dispersion_stats(z.detach(), self.tau) for z in outputs])
         self.last_values = values
         total = torch.stack(terms).mean()
         if self.gather:
@@ -262,12 +325,17 @@ class DispersiveRegularizer:
         return self.weight * total
 
     def stats(self) -> dict[str, dict[str, torch.Tensor]]:
-        """dispersion_stats of each capture since the last call, without computing the loss; clears the captures.
+        """dispersion_stats of each layer captured in the last forward (the mean over its calls), without computing
+        the loss; clears the captures.
 
         For watching layers that are not regularised (a regulariser with weight 0, enabled for one step)."""
-        captured, self._captured = self._captured, []
+        captured = self._take()
         with torch.no_grad():
-            return {name: dispersion_stats(z.detach(), self.tau) for name, z in captured if z.shape[0] > 1}
+            return {
+                name: _mean_stats([dispersion_stats(z.detach(), self.tau) for z in outputs])
+                for name, outputs in captured
+                if outputs[0].shape[0] > 1
+            }
 
     def request_diagnostics(self) -> None:
         """Make the next `loss()` also compute `last_diagnostics` (a few B x B matrices; e.g. at log steps)."""
@@ -279,7 +347,7 @@ class DispersiveRegularizer:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._captured = []
+        self._captured, self._versions = [], []
 
     def __enter__(self) -> DispersiveRegularizer:
         return self

@@ -1,5 +1,6 @@
 """Checkpoints: safe I/O (io), finding the newest one (latest), SiT weights and their configuration from any
-known layout (sit), conversion of trusted pickles and safetensors export (convert).
+known layout, model folders included (sit), conversion of trusted pickles and safetensors export (convert), model
+folders with their card (export, card).
 
 Training checkpoints live in `{run_dir}/checkpoints/{step:07d}.pt` and hold `model`, `ema`, `opt`, `args` (the
 resolved configuration as a dict), `step`, `epoch`, `rng` and each tensor's CRC-32 (`checksums`): tensors and
@@ -7,6 +8,7 @@ plain containers only, so they load with `torch.load(weights_only=True)`.
 """
 
 from disploss.checkpoint.convert import convert_checkpoint, export_safetensors, to_plain
+from disploss.checkpoint.export import export_folder
 from disploss.checkpoint.io import (
     CheckpointError,
     CheckpointWriteError,
@@ -27,7 +29,7 @@ from disploss.checkpoint.latest import (
     latest_of_runs,
     load_latest,
 )
-from disploss.checkpoint.sit import build_sit_from_checkpoint, infer_sit_config, load_sit_weights
+from disploss.checkpoint.sit import build_sit_from_checkpoint, infer_sit_config, load_folder, load_sit_weights
 
 __all__ = [
     "CheckpointError",
@@ -39,6 +41,7 @@ __all__ = [
     "checkpoint_path",
     "checkpoint_step",
     "convert_checkpoint",
+    "export_folder",
     "export_safetensors",
     "find_latest",
     "find_latest_run",
@@ -47,6 +50,7 @@ __all__ = [
     "infer_sit_config",
     "latest_of_runs",
     "load_checkpoint",
+    "load_folder",
     "load_latest",
     "load_sit_weights",
     "save_checkpoint",

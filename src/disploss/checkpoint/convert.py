@@ -22,6 +22,7 @@ import torch
 
 from disploss.checkpoint.io import (
     PLAIN_SCALARS,
+    NonFiniteCheckpointError,
     UnsafeCheckpointError,
     _refusal_reason,
     load_checkpoint,
@@ -30,6 +31,7 @@ from disploss.checkpoint.io import (
 from disploss.checkpoint.sit import describe_config, load_sit_weights, select_weights
 from disploss.errors import ConfigError, MissingFileError
 from disploss.fileio import atomic_path, check_output_file
+from disploss.statedict import first_nonfinite
 
 
 def to_plain(obj: Any, where: str = "state", notes: list[str] | None = None) -> Any:
@@ -198,6 +200,7 @@ def convert_checkpoint(
         (one line per converted entry, the exported model config or None for a .pt conversion).
     Raises:
         UnsafeCheckpointError: src carries code and trust is False.
+        NonFiniteCheckpointError: src holds NaN or infinity (named); nothing is written.
     """
     src, dst = Path(src), Path(dst)
     if not src.is_file():
@@ -207,6 +210,12 @@ def convert_checkpoint(
     check_output_file(dst, "OUT", {"input checkpoint IN": src})  # before loading (and, with --trust, running) IN
     notes: list[str] = []
     plain = to_plain(_load_trusted(src, trust), "state", notes)
+    bad = first_nonfinite(plain)  # a trusted pickle was not checked on load: nothing non-finite is written
+    if bad is not None:
+        raise NonFiniteCheckpointError(
+            f"checkpoint {src} holds non-finite values in {bad}: its run had diverged, or the file is damaged; convert "
+            "an earlier checkpoint"
+        )
     if to_safetensors or (to_safetensors is None and dst.suffix == ".safetensors"):
         return notes, export_safetensors(plain, dst, prefer=weights, model_name=model_name)
     if type(plain) not in (dict, collections.OrderedDict):

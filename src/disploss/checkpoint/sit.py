@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from disploss.checkpoint.io import CheckpointError, import_safetensors, load_checkpoint
+from disploss.checkpoint.io import CheckpointError, CorruptCheckpointError, import_safetensors, load_checkpoint
 from disploss.errors import ConfigError
+from disploss.statedict import shape_differences as _shape_diff
 
 # Prefixes that wrappers add to parameter names: DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -39,20 +40,35 @@ def _strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict:
     return out
 
 
-def select_weights(obj: Any, prefer: str, source: str) -> tuple[dict, str]:
-    # Returns (state dict, which part was taken: "ema" | "model" | "state_dict").
+def select_weights(obj: Any, prefer: str, source: str, strict: bool = False) -> tuple[dict, str]:
+    """The SiT weights of a loaded checkpoint and which part they are: (state dict, "ema" | "model" | "state_dict").
+
+    Args:
+        obj: a bare state dict, a dict holding 'ema' and/or 'model', or a flat dict of 'ema.'/'model.' names.
+        prefer: "ema" or "model": the part taken when both are stored.
+        source: the file, for messages.
+        strict: the other part is not a substitute: a file holding only 'model' when "ema" is asked for (or the
+            reverse) is a CheckpointError (a bare state dict is taken as it is).
+    """
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source} holds a {type(obj).__qualname__}, not a state dict or a dict of them")
-    order = (prefer, "model" if prefer == "ema" else "ema")
-    for key in order:
-        if isinstance(obj.get(key), Mapping):
-            return dict(obj[key]), key
+    other = "model" if prefer == "ema" else "ema"
+    found = [key for key in (prefer, other) if isinstance(obj.get(key), Mapping)]
+    prefixed: dict = {}
     # Flat files with prefixed names, e.g. a safetensors file holding 'ema.pos_embed' or 'model.pos_embed'.
-    for key in order:
+    for key in (prefer, other):
         prefix = key + "."
         sub = {k[len(prefix) :]: v for k, v in obj.items() if isinstance(k, str) and k.startswith(prefix)}
-        if "pos_embed" in _strip_wrapper_prefixes(sub):
-            return sub, key
+        if not found and "pos_embed" in _strip_wrapper_prefixes(sub):
+            prefixed[key] = sub
+    parts = found or list(prefixed)
+    if parts:
+        if strict and parts[0] != prefer:
+            raise CheckpointError(
+                f"{source} holds only the {parts[0]} weights, not the {prefer} ones: pass --weights {parts[0]}"
+            )
+        key = parts[0]
+        return (dict(obj[key]) if found else prefixed[key]), key
     if "pos_embed" in _strip_wrapper_prefixes({k: v for k, v in obj.items() if isinstance(k, str)}):
         return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, "state_dict"
     keys = ", ".join(repr(k) for k in list(obj)[:12])
@@ -146,36 +162,69 @@ def infer_sit_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | No
     }
 
 
-def load_sit_weights(path_or_state: str | os.PathLike | Mapping, prefer: str = "ema") -> tuple[dict, dict]:
+def load_folder(folder: str | os.PathLike) -> dict:
+    """A model folder (disploss.hub: config.json + model.safetensors, from `disploss export` or SiT.save_pretrained)
+    as the dict a checkpoint would be: {"ema" or "model": weights} (the part config.json says was exported; a bare
+    state dict when it does not say), "args" (the training settings it records, for sampling) and "model_config"
+    (its constructor arguments). The weights are checked finite (disploss.hub.read_folder).
+
+    Args:
+        folder: a local model folder (hub ids are resolved by disploss.hub.resolve first).
+    """
+    from disploss.hub import CONFIG_NAME, INFO_KEY, constructor_args, read_folder
+    from disploss.models import SiT
+
+    folder = Path(folder)
+    state, config = read_folder(folder)
+    info = config.get(INFO_KEY) if isinstance(config.get(INFO_KEY), Mapping) else {}
+    args = dict(info.get("training") or {})
+    if info.get("model_name"):
+        args["model"] = info["model_name"]
+    part = info.get("weights")
+    out: dict = {part: state} if part in WEIGHT_CHOICES else dict(state)
+    out["args"] = args
+    out["model_config"] = constructor_args(config, SiT, folder / CONFIG_NAME)
+    return out
+
+
+def load_sit_weights(
+    path_or_state: str | os.PathLike | Mapping, prefer: str = "ema", strict: bool = False, source: str | None = None
+) -> tuple[dict, dict]:
     """SiT weights and their configuration from any of the known checkpoint layouts.
 
     Accepts a bare state dict (SiT-XL-2-256x256.pt), a dict holding 'ema' and/or 'model' (DispLoss releases,
     our training checkpoints), a `.safetensors` file (ours, with the config in its metadata, or flat files with
-    'ema.' / 'model.' prefixed names), with names wrapped by DDP ('module.') or torch.compile ('_orig_mod.').
+    'ema.' / 'model.' prefixed names), a model folder (`load_folder`), with names wrapped by DDP ('module.') or
+    torch.compile ('_orig_mod.'). Files are checked finite on load (a NonFiniteCheckpointError names the tensor).
 
     Args:
-        path_or_state: a file path (.pt / .pth / .safetensors) or an already loaded object.
+        path_or_state: a file path (.pt / .pth / .safetensors), a model folder, or an already loaded object.
         prefer: "ema" or "model": which weights to take when both are present (the other one otherwise).
+        strict: the other one is not taken instead (see `select_weights`).
+        source: the file an already loaded object came from, named in the errors.
     Returns:
         (state_dict, config): state dict with official key names; SiT constructor arguments inferred from the
         shapes (num_heads from a stored config / model name, else the reference value for the width).
     Raises:
-        ValueError: bad `prefer`; CheckpointError (a ValueError) when no SiT weights are found.
+        ValueError: bad `prefer`; CheckpointError (a ValueError) when no SiT weights are found, a weight is not
+            floating point, or the shapes do not make a SiT (each naming the file).
     """
     if prefer not in WEIGHT_CHOICES:
         raise ConfigError(f"prefer={prefer!r}; valid choices: {', '.join(WEIGHT_CHOICES)}")
     stored: dict = {}
     if isinstance(path_or_state, Mapping):
-        obj, source = path_or_state, "the given state"
+        obj, source = path_or_state, source or "the given state"
     else:
         path = Path(path_or_state)
         source = str(path)
-        if path.suffix == ".safetensors":
+        if path.is_dir():
+            obj = load_folder(path)
+        elif path.suffix == ".safetensors":
             obj, stored = import_safetensors(path)
         else:
             obj = load_checkpoint(path)
     stored = {**_stored_config(obj), **stored}
-    weights, _ = select_weights(obj, prefer, source)
+    weights, _ = select_weights(obj, prefer, source, strict=strict)
     weights = _strip_wrapper_prefixes(weights)
     model_name = stored.get("model_name")
     heads = stored.get("num_heads")
@@ -184,7 +233,16 @@ def load_sit_weights(path_or_state: str | os.PathLike | Mapping, prefer: str = "
             heads = _heads_for(0, model_name)
         except ValueError:
             heads = None
-    config = infer_sit_config(weights, num_heads=heads)
+    not_float = next(((k, v.dtype) for k, v in weights.items() if not v.is_floating_point()), None)
+    if not_float is not None:
+        raise CorruptCheckpointError(
+            f"{source}: {not_float[0]} is {str(not_float[1]).removeprefix('torch.')}, but every SiT weight is floating "
+            "point: the file is damaged or not a SiT checkpoint"
+        )
+    try:
+        config = infer_sit_config(weights, num_heads=heads)
+    except CheckpointError as err:
+        raise type(err)(f"{source}: {err}") from None
     if "class_dropout_prob" in stored:
         config["class_dropout_prob"] = stored["class_dropout_prob"]
     return weights, config
@@ -240,19 +298,6 @@ def mismatch_causes(file_cfg: dict, model_cfg: dict, image_size: int | None, vae
     return causes
 
 
-def _shape_diff(file_sd: Mapping[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor]) -> list[str]:
-    lines = []
-    for key in model_sd:
-        if key not in file_sd:
-            lines.append(f"  {key}: missing in the checkpoint (model {tuple(model_sd[key].shape)})")
-        elif tuple(file_sd[key].shape) != tuple(model_sd[key].shape):
-            lines.append(f"  {key}: checkpoint {tuple(file_sd[key].shape)}, model {tuple(model_sd[key].shape)}")
-    for key in file_sd:
-        if key not in model_sd:
-            lines.append(f"  {key}: in the checkpoint {tuple(file_sd[key].shape)}, not in the model")
-    return lines
-
-
 def build_sit_from_checkpoint(
     path: str | os.PathLike | Mapping,
     model_name: str | None = None,
@@ -261,6 +306,7 @@ def build_sit_from_checkpoint(
     vae_factor: int = 8,
     prefer: str = "ema",
     learn_sigma: bool | None = None,
+    strict_weights: bool = False,
 ) -> tuple[torch.nn.Module, dict]:
     """Build a disploss.models.SiT for a checkpoint and load its weights strictly.
 
@@ -276,12 +322,13 @@ def build_sit_from_checkpoint(
         vae_factor: pixels per latent (8 for the SD-VAE; 1 in pixel space).
         prefer: "ema" or "model" weights when both are stored.
         learn_sigma: output 2*C channels (True for the released checkpoints); None: as in the file.
+        strict_weights: the `prefer`red part only, never the other one instead (see `select_weights`).
     Returns:
         (model in eval mode on the CPU, the constructor arguments used).
     """
     from disploss.models import SiT, create_model
 
-    state, file_cfg = load_sit_weights(path, prefer=prefer)
+    state, file_cfg = load_sit_weights(path, prefer=prefer, strict=strict_weights)
     want = dict(file_cfg)
     if image_size is not None:
         if image_size % vae_factor:

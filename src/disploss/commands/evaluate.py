@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"local Inception-v3 weights (offline machines); default: download {WEIGHTS_URL}")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=64, help="images per Inception forward pass")
     parser.add_argument("--device", choices=get_args(Device), default="auto", help="where to run Inception")
-    parser.add_argument("--out", type=Path, default=None, metavar="JSON", help="also write the numbers to JSON")
+    parser.add_argument("--out", type=Path, default=None, metavar="JSON",
+                        help="also write the numbers to JSON, with the inputs' paths and, for an .npz of "
+                             "sample-ddp, its sample folder's settings (sample_config.json)")  # fmt: skip
     parser.add_argument("--ref-cache", type=Path, default=None, metavar="PATH",
                         help="cache the reference statistics and features in this .npz; reused while the reference "
                              "is unchanged (never written over a file that is not such a cache)")  # fmt: skip
@@ -27,6 +29,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _show(value: float | None) -> str:
     return "unavailable" if value is None else repr(value)
+
+
+def _sample_settings(sample_batch: Path) -> dict | None:
+    """The sample_config.json of the sample folder that the .npz was built from (disploss sample-ddp), if any."""
+    import json
+
+    from disploss.sampling.folder import CONFIG_FILE, sample_folder_of
+
+    folder = sample_folder_of(sample_batch)
+    if folder is None:
+        return None
+    try:
+        settings = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return settings if isinstance(settings, dict) else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,8 +69,12 @@ def run(args: argparse.Namespace) -> int:
         if "precision_recall_unavailable" in result:
             print(f"precision/recall unavailable: {result['precision_recall_unavailable']}")
         if args.out is not None:
-            atomic_write_json(args.out, result)
-            print(f"wrote {args.out}")
+            record = {**result, "reference_batch": str(args.ref_batch), "sample_batch": str(args.sample_batch)}
+            settings = _sample_settings(args.sample_batch)
+            if settings is not None:  # what made the samples: `disploss export --metrics` puts it beside each number
+                record["sample_config"] = settings
+            atomic_write_json(args.out, record)
+            print(f"wrote {args.out}" + (" (with the sample folder's settings)" if settings is not None else ""))
         return 0
 
     return guarded("evaluate", go)

@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "disploss.commands.convert_checkpoint",
         "convert a trusted pickled checkpoint or export EMA to safetensors",
     ),
+    "export": (
+        "disploss.commands.export",
+        "a checkpoint as a model folder with a model card (SiT.from_pretrained, the hub)",
+    ),
     "demo": ("disploss.commands.demo", "train a small SiT with dispersive loss on the bundled digits (CPU, minutes)"),
     "bench": ("disploss.commands.bench", "benchmark training, the dispersive loss and sampling"),
     "experiment": ("disploss.commands.experiment", "baseline vs dispersive loss on the bundled digits, several seeds"),

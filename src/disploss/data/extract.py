@@ -157,10 +157,15 @@ def _encode_shards(cfg: ExtractConfig, info, codec, dataset, todo: list[int], ou
     pending = collections.deque(todo)
     buf_m: list[np.ndarray] = []
     buf_y: list[np.ndarray] = []
-    buffered = 0
+    buffered, done = 0, 0
     for x, y in tqdm(loader, disable=not info.is_main, desc="extract-latents", unit="batch"):
         moments = encode_pair(codec, x.to(info.device, non_blocking=True))  # B 2 2 C h w
-        buf_m.append(moments.cpu().numpy().astype(store_dtype))
+        computed = moments.cpu().numpy()
+        with np.errstate(over="ignore"):  # a float16 overflow is reported by _check_moments, naming the image
+            stored = computed.astype(store_dtype)
+        _check_moments(computed, stored, indices[done : done + len(stored)], dataset)
+        done += len(stored)
+        buf_m.append(stored)
         buf_y.append(y.numpy())
         buffered += x.shape[0]
         while pending and buffered >= fmt.shard_length(pending[0], n_items, cfg.shard_size):
@@ -171,3 +176,22 @@ def _encode_shards(cfg: ExtractConfig, info, codec, dataset, todo: list[int], ou
             buf_m, buf_y, buffered = [all_m[n:]], [all_y[n:]], buffered - n
     if pending or buffered:
         raise RuntimeError(f"internal error: {len(pending)} shards and {buffered} images left unwritten")
+
+
+def _check_moments(computed: np.ndarray, stored: np.ndarray, indices: list[int], dataset) -> None:
+    """Refuse to write moments that a reader would refuse (non-finite, or beyond float16's range), naming the first
+    such image; one pass over the batch (B, 2, 2, C, h, w) on the CPU, where it is copied anyway."""
+    bad = ~(np.abs(stored).reshape(len(stored), -1).max(axis=1) <= fmt.MAX_MOMENT)  # (B,); NaN compares False
+    if not bad.any():
+        return
+    i = int(np.flatnonzero(bad)[0])
+    path = dataset.samples[indices[i]][0] if hasattr(dataset, "samples") else f"dataset index {indices[i]}"
+    hint = (
+        "the VAE's values are finite but beyond float16's range (65504): pass --dtype float32"
+        if stored.dtype == np.float16 and np.isfinite(computed[i]).all()
+        else "check that image and the VAE (--vae)"
+    )
+    raise ConfigError(
+        f"the VAE gave non-finite or out-of-range posterior moments for {int(bad.sum())} image(s) of this batch, "
+        f"first {path}; nothing of that shard was written: {hint}"
+    )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import operator
 import os
 import struct
+import time
 import warnings
 from typing import Literal
 
@@ -306,8 +307,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     Unreadable files (truncated, not an image, unsupported mode) are handled by `on_bad_image`: "error"
     raises `UnreadableImageError` naming the file; "skip" warns once per file (`BadImageWarning`, per
     process: each DataLoader worker warns for itself) and returns the next readable sample in index order
-    instead, so batches keep their shape and the substitution is deterministic. If no file is readable an
-    error is raised after one pass, never a hang.
+    instead, so batches keep their shape and the substitution is deterministic; after `log_skips_to(path)` each
+    such warning is also appended to that file (a training run's log.txt), from every process and loader worker.
+    If no file is readable an error is raised after one pass, never a hang.
 
     Args:
         root: ImageFolder-style folder (see `scan_image_folder` for the errors it raises).
@@ -346,12 +348,35 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.targets = [label for _, label in self.samples]
         self._bad: set[int] = set()  # indices found unreadable in this process
+        self.skip_log: str | None = None  # a file that also gets each skip warning (log_skips_to)
         # Crops of large images (more than LARGE_IMAGE_PIXELS), decoded once per process: the crop is the same
         # every epoch (the flip comes after it). Up to LARGE_CROP_CACHE_BYTES, then large images are decoded again.
         self._large: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def log_skips_to(self, path: str | os.PathLike | None) -> None:
+        """Also append each skip warning, as one timestamped line, to `path` (None: stderr only). The file is
+        opened per line in append mode, so it works in every DataLoader worker and process of a run."""
+        self.skip_log = None if path is None else os.fspath(path)
+
+    def _log_skip(self, message: str) -> None:
+        if self.skip_log is None:
+            return
+        from disploss.fileio import LineFile
+
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        who = f" (process {rank})" if rank is not None else ""
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] WARNING{who}: {message}\n"
+        try:
+            log = LineFile(self.skip_log)
+            try:
+                log.write(line)
+            finally:
+                log.close()
+        except OSError:
+            pass  # the warning reached stderr; a full disk stops the run at its own next write of the log
 
     def load(self, index: int) -> tuple[np.ndarray, int, int]:
         """Decode sample `index`, or with on_bad_image="skip" the next readable one.
@@ -382,12 +407,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     raise UnreadableImageError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
                 self._bad.add(j)
                 first_error = first_error or e
-                warnings.warn(
-                    f"skipping unreadable image file {path} ({type(e).__name__}: {e}); the next readable "
-                    "image takes its place",
-                    BadImageWarning,
-                    stacklevel=3,
+                message = (
+                    f"skipping unreadable image file {path} ({type(e).__name__}: {e}); the next readable image "
+                    "takes its place"
                 )
+                warnings.warn(message, BadImageWarning, stacklevel=3)
+                self._log_skip(message)
         raise UnreadableImageError(f"no readable image file under {self.root}") from first_error
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

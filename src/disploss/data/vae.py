@@ -10,7 +10,6 @@ diffusers is imported inside `load_vae`, so importing this module is light and w
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 import os
 import warnings
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from disploss.errors import ConfigError, HubUnavailableError, MissingFileError
+from disploss.hub import hub_unreachable, looks_like_hub_id
 
 # --vae keywords of the reference and the hub repositories they name.
 HUB_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -172,12 +172,6 @@ class IdentityCodec(LatentCodec):
         return x.clamp(-1.0, 1.0) if clamp else x
 
 
-def _looks_like_hub_id(spec: str) -> bool:
-    # "owner/name" with no leading "." or "/" and no "~": anything else is meant as a local path.
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and "\\" not in spec
-
-
 def load_vae(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LatentCodec:
     """Load the codec named by a --vae value.
 
@@ -217,13 +211,13 @@ def load_vae(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype =
 
     hub_id = HUB_VAES.get(spec)
     if hub_id is None:
-        if not _looks_like_hub_id(spec):
+        if not looks_like_hub_id(spec):
             raise MissingFileError(
                 f"--vae {spec!r} is not one of 'ema', 'mse', 'none', nor an existing folder holding a saved "
                 "AutoencoderKL, nor a hub id of the form owner/name"
             )
         hub_id = spec
-    unreachable = _hub_unreachable(hub_id)
+    unreachable = hub_unreachable(hub_id)
     try:
         # Offline, only the local cache can have it: one look there, no download attempt and no retries.
         vae = _from_pretrained(hub_id, local_files_only=unreachable is not None)
@@ -241,25 +235,6 @@ def _from_pretrained(name_or_path, **kwargs):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
         return AutoencoderKL.from_pretrained(name_or_path, **kwargs)
-
-
-def _hub_unreachable(hub_id: str) -> str | None:
-    """None when the hub answers for hub_id, else why not; one HEAD request without retries (the hub library's
-    own download retries for about 30 s when offline)."""
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    url = huggingface_hub.hf_hub_url(hub_id, "config.json")
-    kwargs = {"timeout": constants.HF_HUB_ETAG_TIMEOUT}
-    if "retry_on_errors" in inspect.signature(huggingface_hub.get_hf_file_metadata).parameters:
-        kwargs["retry_on_errors"] = False
-    try:
-        huggingface_hub.get_hf_file_metadata(url, **kwargs)
-    except Exception as e:  # no connection, a timeout, an unknown or gated repository: cannot fetch it here
-        return f"{type(e).__name__}: {e}"
-    return None
 
 
 def _hub_error(spec: str, hub_id: str, cause) -> HubUnavailableError:

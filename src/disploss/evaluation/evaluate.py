@@ -19,7 +19,7 @@ import numpy as np
 from disploss.errors import ConfigError, MissingFileError
 from disploss.evaluation import metrics
 from disploss.evaluation.inception import WEIGHTS_URL, InceptionFeatureExtractor
-from disploss.evaluation.npz import load_reference_batch, load_samples_npz
+from disploss.evaluation.npz import ReferenceBatch, load_reference_batch, load_samples_npz
 from disploss.fileio import atomic_write, check_output_file
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -115,7 +115,7 @@ def _read_cache(cache_path: Path, key: str) -> ReferenceStatistics | None:
                 sigma_s=data["sigma_s"],
                 pool=data["pool"] if "pool" in data.files else None,
             )
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         print(f"reference cache {cache_path} is unreadable ({error}); recomputing")
         return None
 
@@ -144,6 +144,7 @@ def reference_statistics(
     *,
     batch_size: int = 64,
     progress: bool = True,
+    ref: ReferenceBatch | None = None,
 ) -> ReferenceStatistics:
     """Statistics and pool features of a reference batch; precomputed statistics win, as in ADM.
 
@@ -152,18 +153,15 @@ def reference_statistics(
         extractor: the Inception feature extractor.
         batch_size: images per Inception forward pass.
         progress: show a progress bar.
+        ref: the batch, when already read and checked (`load_reference_batch`, `check_reference`).
 
     Returns:
         ReferenceStatistics; `pool` is None when the batch holds no images.
     """
-    ref = load_reference_batch(ref_path)
+    ref = check_reference(load_reference_batch(ref_path) if ref is None else ref, ref_path)
     pool = None
     stats = {key: getattr(ref, key) for key in ("mu", "sigma", "mu_s", "sigma_s")}
     if ref.images is not None:
-        if len(ref.images) < NEIGHBOURHOOD_K + 1:
-            raise ConfigError(
-                f"{ref_path}: has {len(ref.images)} images; precision/recall need at least {NEIGHBOURHOOD_K + 1}"
-            )
         print(f"computing reference batch activations ({len(ref.images)} images)...")
         features = extractor(ref.images, batch_size=batch_size, progress=progress)
         pool = features.pool
@@ -171,10 +169,19 @@ def reference_statistics(
             stats["mu"], stats["sigma"] = metrics.compute_statistics(features.pool)
         if stats["mu_s"] is None:
             stats["mu_s"], stats["sigma_s"] = metrics.compute_statistics(features.spatial)
-    elif not ref.has_statistics:
-        missing = [key for key, value in stats.items() if value is None]
-        raise ConfigError(f"{ref_path}: has no images (arr_0) and lacks the statistics {missing}")
     return ReferenceStatistics(pool=pool, **stats)
+
+
+def check_reference(ref: ReferenceBatch, ref_path) -> ReferenceBatch:
+    """What the metrics need of a reference batch: at least k + 1 images, or all four statistics; returns `ref`."""
+    if ref.images is not None and len(ref.images) < NEIGHBOURHOOD_K + 1:
+        raise ConfigError(
+            f"{ref_path}: has {len(ref.images)} images; precision/recall need at least {NEIGHBOURHOOD_K + 1}"
+        )
+    if ref.images is None and not ref.has_statistics:
+        missing = [key for key in ("mu", "sigma", "mu_s", "sigma_s") if getattr(ref, key) is None]
+        raise ConfigError(f"{ref_path}: has no images (arr_0) and lacks the statistics {missing}")
+    return ref
 
 
 def evaluate(
@@ -220,8 +227,6 @@ def evaluate(
             f"{sample_path}: has {len(samples)} images; precision/recall (k={NEIGHBOURHOOD_K}) need at least "
             f"{NEIGHBOURHOOD_K + 1}"
         )
-    extractor = InceptionFeatureExtractor(weights_path, device=torch_device)
-
     ref_stats, key = None, ""
     if ref_cache is not None:
         ref_cache = Path(ref_cache)
@@ -229,8 +234,11 @@ def evaluate(
         ref_stats = _read_cache(ref_cache, key)
         if ref_stats is not None:
             print(f"reusing reference statistics from {ref_cache}")
+    # Both inputs are read and checked before the Inception network is built: a damaged file fails first.
+    ref = check_reference(load_reference_batch(ref_path), ref_path) if ref_stats is None else None
+    extractor = InceptionFeatureExtractor(weights_path, device=torch_device)
     if ref_stats is None:
-        ref_stats = reference_statistics(ref_path, extractor, batch_size=batch_size, progress=progress)
+        ref_stats = reference_statistics(ref_path, extractor, batch_size=batch_size, progress=progress, ref=ref)
         if ref_cache is not None:
             _write_cache(ref_cache, key, ref_stats)
 

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import torch
 
+from disploss.checkpoint.sit import WEIGHT_CHOICES
 from disploss.errors import ConfigError
 from disploss.imageio import PIXEL_CONVERSIONS
 from disploss.options import at_least, check_options, option, positive
@@ -238,9 +239,14 @@ class ModelSpec:
     """Which model to sample and how to decode it; None = the checkpoint's value (see the module docstring)."""
 
     ckpt: str | None = option(
-        None, "SiT checkpoint: a released file (bare state dict or {'ema': ...}), one of our training checkpoints, or "
-        "a .safetensors export. Without it the reference downloads SiT-XL-2-256x256.pt; here it is read from "
-        "pretrained_models/ if present", metavar="PATH",
+        None, "SiT checkpoint: a released file (bare state dict or {'ema': ...}), one of our training checkpoints, "
+        "a .safetensors export, a model folder (`disploss export`) or a hub id owner/name. Without it the reference "
+        "downloads SiT-XL-2-256x256.pt; here it is read from pretrained_models/ if present", metavar="PATH|ID",
+    )  # fmt: skip
+    weights: str | None = option(
+        None, "which weights: ema (the EMA) or model (the raw weights, e.g. early in a run, while the EMA still "
+        "holds mostly its start); a file holding only the other one is refused. Default: ema when stored, else "
+        "what the file holds", choices=(None, *WEIGHT_CHOICES),
     )  # fmt: skip
     model: str | None = option(None, "model preset, e.g. SiT-XL/2 (default: from the checkpoint's stored arguments, "
                                "else from its tensor shapes)", metavar="NAME")  # fmt: skip

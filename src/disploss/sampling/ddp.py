@@ -40,7 +40,15 @@ from disploss.options import at_least, check_options, option
 from disploss.runtime import PRECISIONS
 from disploss.sampling.claims import BLOCK_SIZE
 from disploss.sampling.config import GuidanceConfig, ModelSpec, ODEConfig, SamplerConfig
-from disploss.sampling.folder import build_npz, folder_name, missing_indices, npz_image_count, prepare_folder
+from disploss.sampling.folder import (
+    build_npz,
+    folder_name,
+    legacy_folder_name,
+    missing_indices,
+    npz_image_count,
+    npz_path_for,
+    prepare_folder,
+)
 
 DEFAULT_VAE = "ema"  # the reference's sample_ddp.py default (its sample.py uses mse)
 STREAM_VERSION = 1  # bump if the per-image draws change, so that old folders are not silently extended
@@ -124,7 +132,9 @@ def sample_config(cfg: SampleDDPConfig, settings: dict, world_size: int) -> dict
         "stream_version": STREAM_VERSION,
         "model": settings["model"],
         "ckpt": settings["ckpt"],
-        "ckpt_name": Path(settings["ckpt"]).stem,
+        "ckpt_name": settings["ckpt_name"],
+        "weights": settings["weights"],
+        "fingerprint": settings["fingerprint"],
         "image_size": settings["image_size"],
         "num_classes": settings["num_classes"],
         "vae": settings["vae"],
@@ -177,12 +187,21 @@ def sample_to_npz(cfg: SampleDDPConfig, info, log: Callable[[str], None] = print
     model_fn, doubled = guided_model_fn(sm.model, g.cfg_scale, g.guide_channels, cfg.precision == "bf16", cfg.compile)
     config = sample_config(cfg, sm.settings, info.world_size)
     folder = Path(cfg.sample_dir) / folder_name(config)
-    npz_path = folder.with_name(folder.name + ".npz")
+    npz_path = folder.with_name(folder.name + ".npz")  # rank 0 decides (npz_path_for), the others do not write it
 
     def prepare() -> list[int] | None:  # rank 0; its error stops every process and is printed once
+        nonlocal npz_path
         if not info.is_main:
             return None
         log(describe(sm))
+        legacy = folder.with_name(legacy_folder_name(config))
+        if legacy.is_dir() and not folder.exists():
+            log(f"note: {legacy} was made before sample folders were keyed by the weights, so it is not continued "
+                f"(nothing tells whose images it holds); rename it to {folder.name} if they are these weights'")  # fmt: skip
+        npz_path, larger = npz_path_for(folder, cfg.num_fid_samples)
+        if larger is not None:
+            log(f"{folder.name}.npz holds {larger} images, more than --num-fid-samples {cfg.num_fid_samples}: it is "
+                f"kept, and this run's .npz is {npz_path.name}")  # fmt: skip
         try:
             return prepare_folder(folder, npz_path, config)
         except OSError as err:
@@ -198,6 +217,11 @@ def sample_to_npz(cfg: SampleDDPConfig, info, log: Callable[[str], None] = print
     share = -(-len(missing) // info.world_size)  # about what each process samples (the blocks are claimed)
     bar = tqdm(total=share, disable=not info.is_main, unit="img", desc=f"sampling (rank 0 of {info.world_size})")
 
+    def advance(count: int) -> None:  # rank 0 may sample more than its share (claims): the total grows, never passed
+        if bar.n + count > bar.total:
+            bar.total = bar.n + count
+        bar.update(count)
+
     def sample_batch(indices: list[int]) -> None:
         generators = [image_generator(cfg.global_seed, i) for i in indices]
         z, y = draw_inputs(generators, latent_shape, model.num_classes)  # (B, C, h, w), (B,)
@@ -210,7 +234,7 @@ def sample_to_npz(cfg: SampleDDPConfig, info, log: Callable[[str], None] = print
             images = sm.codec.decode(latents)  # (B, 3, H, W) in [-1, 1]
         for index, pixels in zip(indices, to_uint8(images, g.pixel_conversion)):
             save_png(pixels, folder / f"{index:06d}.png")
-        bar.update(len(indices))
+        advance(len(indices))
 
     rank_log = log if info.is_main else (lambda message: None)
     with Claims(folder) as claims:
@@ -218,6 +242,7 @@ def sample_to_npz(cfg: SampleDDPConfig, info, log: Callable[[str], None] = print
             folder, cfg.num_fid_samples, claims, sample_batch, cfg.per_proc_batch_size, info.rank,
             info.world_size, rank_log,
         )  # fmt: skip
+        bar.total = bar.n  # ends at its total, also when other processes took part of rank 0's share
         bar.close()
         sampled = int(dist.all_reduce_sum(torch.tensor(float(sampled), device=info.device)))  # NCCL: on the GPU
         dist.barrier()  # every rank has written its share, and no image is missing or claimed

@@ -3,12 +3,20 @@
 Where the files go (the reference's layout, with a name that holds every setting that changes the images and
 none that does not, such as the batch size or the number of processes):
     {sample_dir}/{folder}/{index:06d}.png, {sample_dir}/{folder}/sample_config.json, {sample_dir}/{folder}.npz
-    folder = {model}-{ckpt stem}-size-{image_size}-vae-{vae}-cfg-{cfg}-seed-{global_seed}-{mode}-{steps}-{method}
+    folder = {model}-{ckpt name}[-ema|-model]-{fingerprint}-size-{image_size}-vae-{vae}-cfg-{cfg}-seed-{global_seed}
+             -{mode}-{steps}-{method}
              [-{diffusion_form}-{last_step}-{last_step_size} for SDE][-power{rho} for --time-schedule power]
              [-batchsteps for --step-control batch][-guide-{K|all} if not 3 and cfg > 1]
              [-round for --pixel-conversion round]
-with '/' replaced by '-' (a --vae folder contributes its base name). sample_config.json records the resolved
-settings; a later run into the same folder with different settings stops with an error instead of mixing images.
+with '/' replaced by '-' (a --vae folder contributes its base name). The ckpt name is the checkpoint's file stem
+(a model folder's or hub id's name); ema or model says which weights of a checkpoint holding both were sampled
+(--weights; a bare state dict has no tag); the fingerprint (8 hex digits, disploss.statedict.fingerprint) names the
+weights' content, so two checkpoints of the same name (step 400000 of two runs) get folders of their own, and a
+checkpoint that was moved, or exported to another format, finds its folder again.
+
+sample_config.json records the resolved settings; a later run into the same folder with different settings stops
+with an error instead of mixing images. The .npz holds images 0 .. N-1; a run with a smaller --num-fid-samples
+than an existing .npz's count writes `{folder}-n{N}.npz` beside it instead of replacing it.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ _PNG_NAME = re.compile(r"^(\d{6,})\.png$")
 # Settings recorded in sample_config.json that may change between runs of one folder (they do not change
 # which image an index gets, up to float rounding).
 _FREE_KEYS = ("ckpt", "per_proc_batch_size", "num_fid_samples", "world_size", "precision", "tf32")
+# (The ckpt may move: the folder is keyed by its weights' fingerprint, which is not free.)
 
 
 def _vae_label(spec: str) -> str:
@@ -38,10 +47,15 @@ def _vae_label(spec: str) -> str:
 
 
 def folder_name(config: dict) -> str:
-    """The sample folder's name (see the module docstring); '/' never appears in it."""
+    """The sample folder's name (see the module docstring); '/' never appears in it. Without a "fingerprint" in
+    `config`, the name of a folder made before folders were keyed by the weights."""
+    keyed = "fingerprint" in config  # folders made before they were keyed by the weights have neither part
+    weights = [config["weights"]] if keyed and config.get("weights") in ("ema", "model") else []
     parts = [
         config["model"],
         config["ckpt_name"],
+        *weights,
+        *([config["fingerprint"]] if keyed else []),
         "size",
         config["image_size"],
         "vae",
@@ -65,6 +79,32 @@ def folder_name(config: dict) -> str:
     if config["pixel_conversion"] != "truncate":
         parts.append(config["pixel_conversion"])
     return "-".join(str(p) for p in parts).replace("/", "-")
+
+
+def legacy_folder_name(config: dict) -> str:
+    """The name the folder of these settings had before sample folders were keyed by the weights."""
+    return folder_name({k: v for k, v in config.items() if k not in ("fingerprint", "weights")})
+
+
+def npz_path_for(folder: Path, num: int) -> tuple[Path, int | None]:
+    """Where the .npz of images 0 .. num-1 goes: `{folder}.npz`, unless that file holds more images (a smaller run
+    never replaces it), then `{folder}-n{num}.npz`. Returns (the path, the larger file's count or None)."""
+    main = folder.with_name(folder.name + ".npz")
+    count = npz_image_count(main) if main.is_file() else None
+    if count is not None and count > num:
+        return folder.with_name(f"{folder.name}-n{num}.npz"), count
+    return main, None
+
+
+def sample_folder_of(npz_path: str | Path) -> Path | None:
+    """The sample folder an .npz was built from (`{folder}.npz` or `{folder}-n{N}.npz` beside it), when it holds a
+    sample_config.json; else None (an .npz made elsewhere)."""
+    npz_path = Path(npz_path)
+    stem = npz_path.name[: -len(".npz")] if npz_path.name.endswith(".npz") else npz_path.name
+    for name in (stem, re.sub(r"-n\d+$", "", stem)):
+        if (npz_path.parent / name / CONFIG_FILE).is_file():
+            return npz_path.parent / name
+    return None
 
 
 def existing_indices(folder: Path) -> set[int]:

@@ -36,8 +36,10 @@ class SamplingModel:
         model: SiT in eval mode, on its device, without gradients.
         codec: disploss.vae codec (SD-VAE or identity) that decodes the model's samples to images in [-1, 1].
         transport: disploss.transport.Transport of the resolved path / prediction.
-        settings: plain dict: model, ckpt, image_size, num_classes, vae, path_type, prediction, loss_weight,
-            sample_eps, train_eps, latent_shape (C, h, w), objective (flow | meanflow: from the weights).
+        settings: plain dict: model, ckpt (as given: a path or a hub id), ckpt_name (its file stem or folder name),
+            weights (the part taken: ema | model | state_dict), fingerprint (disploss.statedict.fingerprint of those
+            weights), image_size, num_classes, vae, path_type, prediction, loss_weight, sample_eps, train_eps,
+            latent_shape (C, h, w), objective (flow | meanflow: from the weights).
         sources: where each setting came from: "flag", "checkpoint" (stored training arguments), "weights"
             (tensor shapes) or "default" (the reference's).
     """
@@ -91,11 +93,12 @@ def _nearby(value: int, step: int) -> str:
 
 
 def _checkpoint_source(ckpt: str | None) -> Path:
+    # A file, a model folder, or a hub id (its snapshot in the local cache, fetched when the hub is reachable).
     if ckpt is not None:
+        from disploss.hub import resolve
+
         path = Path(os.path.expanduser(ckpt))
-        if not path.is_file():
-            raise MissingFileError(f"--ckpt {ckpt}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
-        return path
+        return path if path.is_file() else resolve(ckpt, flag="--ckpt")
     if RELEASED_CHECKPOINT.is_file():
         return RELEASED_CHECKPOINT
     raise MissingFileError(
@@ -139,13 +142,22 @@ def load_for_sampling(
     Raises:
         FileNotFoundError, ValueError (incl. disploss.checkpoint errors), OSError: with a message for the user.
     """
-    from disploss.checkpoint import build_sit_from_checkpoint, load_checkpoint, load_sit_weights
+    from disploss.checkpoint import build_sit_from_checkpoint, import_safetensors, load_checkpoint, load_sit_weights
+    from disploss.checkpoint.sit import load_folder, select_weights
     from disploss.data.vae import HUB_VAES, load_vae
     from disploss.models import model_name_for, parse_model_name
+    from disploss.statedict import fingerprint
     from disploss.transport import create_transport
 
     path = _checkpoint_source(spec.ckpt)
-    source: Any = path if path.suffix == ".safetensors" else load_checkpoint(path)
+    label = spec.ckpt or str(path)  # a hub id names itself, not its snapshot in the cache
+    if path.is_dir():
+        source: Any = load_folder(path)
+    elif path.suffix == ".safetensors":
+        tensors, stored_config = import_safetensors(path)
+        source = {**tensors, "model_config": stored_config}
+    else:
+        source = load_checkpoint(path)
     stored = _stored_args(source)
     sources: dict = {}
     if spec.model is not None:
@@ -163,7 +175,9 @@ def load_for_sampling(
         _pick("--loss-weight", _loss_weight(spec.loss_weight), stored_lw, "loss_weight", None, sources)
     )
 
-    _, file_cfg = load_sit_weights(source)
+    prefer, strict = spec.weights or "ema", spec.weights is not None
+    weights, file_cfg = load_sit_weights(source, prefer=prefer, strict=strict, source=label)
+    part = select_weights(source, prefer, label, strict=strict)[1]
     if mode is not None:
         check_mode(mode, file_cfg["meanflow"], spec.ckpt or path)
     if vae_spec in HUB_VAES and file_cfg["in_channels"] != 4:
@@ -182,10 +196,11 @@ def load_for_sampling(
         )
     try:
         model, config = build_sit_from_checkpoint(
-            source, model_name=model_name, image_size=image_size, num_classes=num_classes, vae_factor=factor
-        )
+            source, model_name=model_name, image_size=image_size, num_classes=num_classes, vae_factor=factor,
+            prefer=prefer, strict_weights=strict,
+        )  # fmt: skip
     except ValueError as err:  # name the file rather than "the given state" (we pass the loaded dict)
-        raise ConfigError(str(err).replace("the given state", str(path))) from err
+        raise ConfigError(str(err).replace("the given state", label)) from err
     if codec.latent_channels != model.in_channels:
         raise ConfigError(
             f"--vae {vae_spec} gives {codec.latent_channels}-channel latents but the model takes "
@@ -196,7 +211,10 @@ def load_for_sampling(
     model = model.to(device).eval().requires_grad_(False)
     settings = {
         "model": model_name or model_name_for(config) or "custom",
-        "ckpt": str(path),
+        "ckpt": label,
+        "ckpt_name": path.stem if path.is_file() else Path(label).name,
+        "weights": part,
+        "fingerprint": fingerprint(weights),
         "image_size": model.input_size * factor,
         "num_classes": model.num_classes,
         "vae": vae_spec,
@@ -218,4 +236,6 @@ def describe(sm: SamplingModel) -> str:
     parts = [f"{k}={sm.settings[k]} ({labels[sm.sources.get(k, 'default')]})" for k in keys]
     if sm.settings["objective"] == "meanflow":
         parts.append("objective=meanflow (from the weights)")
+    kind = {"ema": "EMA", "model": "model (raw)"}.get(sm.settings["weights"], "the file's only state dict")
+    parts.append(f"weights={kind} (fingerprint {sm.settings['fingerprint']})")
     return f"checkpoint {sm.settings['ckpt']}: " + ", ".join(parts)

@@ -36,7 +36,7 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
     from disploss.training import loader as data
     from disploss.training.ema import EMA
     from disploss.training.objective import DispersionWatch, build_objective, build_regularizer
-    from disploss.training.run.checkpoints import save_training_checkpoint
+    from disploss.training.run.checkpoints import names_the_last_checkpoint, save_training_checkpoint
     from disploss.training.run.folder import prepare_run_dir
     from disploss.training.run.metrics import RunningMeans
     from disploss.training.run.plots import plot_run
@@ -79,10 +79,13 @@ def _train(cfg: TrainConfig, on_exit: contextlib.ExitStack) -> Path:
         load_weights(ema.model, resume.state, "ema", resume.path, cfg)
     step = resume.step
     run_dir, lock = dist.on_every_rank(prepare_run_dir, cfg, resume, model, info.is_main, on_exit)
+    on_exit.enter_context(names_the_last_checkpoint(run_dir))  # a full disk anywhere: one line naming the last good one
     config = {**cfg.as_dict(), "model_config": model.config(), "world_size": world, "run_dir": str(run_dir)}
     logger = _start_log(cfg, config, run_dir, model, resume, td.notes, info, on_exit)
     logger.total_steps = max_steps  # progress and ETA on the log lines
     _log_the_plan(cfg, model, local_batch, max_steps, device, logger)
+    if hasattr(td.dataset, "log_skips_to"):
+        td.dataset.log_skips_to(logger.log_path)  # unreadable images skipped, by any process: in log.txt too
     loader, sampler = data.make_loader(td.dataset, local_batch, world, rank, cfg.global_seed, cfg.num_workers, device)
 
     # -- the step: the objective (flow matching or MeanFlow, + the dispersive term), DDP, compile ----------------------

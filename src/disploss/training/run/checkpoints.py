@@ -1,6 +1,8 @@
 """A run's checkpoints: `save_training_checkpoint` (every process's random state, rank 0 writes atomically with
-checksums, a failed write is one line naming the last good checkpoint on every process) and which checkpoints a
-run keeps: `--keep-last K` (the newest K) and `--keep-every N` (milestones kept for ever).
+checksums, a failed write is one line naming the last good checkpoint on every process), which checkpoints a
+run keeps: `--keep-last K` (the newest K) and `--keep-every N` (milestones kept for ever), and
+`names_the_last_checkpoint`: a full disk met by any other write of the run (log.txt, metrics.jsonl, a sample grid,
+config.json, the loss curve) names the last good checkpoint too.
 
 Retention is applied by rank 0 only after a new checkpoint is complete (renamed into place), so a failed or killed
 save never costs an older checkpoint. The default keeps every checkpoint, as the reference does.
@@ -8,6 +10,8 @@ save never costs an older checkpoint. The default keeps every checkpoint, as the
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -82,6 +86,37 @@ def _write_failure(path: Path, err: OSError) -> Exception:
         f"{last if last is not None else 'none yet'}: free some space (or pass --keep-last K), then run the same "
         "command with --ckpt latest",
     )
+
+
+class RunDiskFullError(UsageError, OSError):
+    """A write of a training run failed for lack of space; the message names the file, the space and the last good
+    checkpoint. Built as RunDiskFullError(errno, message)."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+@contextlib.contextmanager
+def names_the_last_checkpoint(run_dir: Path) -> Iterator[None]:
+    """Inside: a full disk or quota (an OSError with ENOSPC / EDQUOT, e.g. a disploss.fileio.DiskFullError naming the
+    file) becomes one line that also names the last good checkpoint of `run_dir` and how to continue; a checkpoint
+    write says so already (save_training_checkpoint) and passes through."""
+    from disploss.fileio import DISK_FULL_ERRNOS
+
+    try:
+        yield
+    except OSError as err:
+        from disploss.checkpoint import CheckpointWriteError, find_latest
+
+        if isinstance(err, (CheckpointWriteError, RunDiskFullError)) or err.errno not in DISK_FULL_ERRNOS:
+            raise
+        last = find_latest(Path(run_dir) / "checkpoints")
+        what = str(err) if err.filename is None or str(err.filename) in str(err) else f"{err.filename}: {err}"
+        raise RunDiskFullError(
+            err.errno,
+            f"{what}; the last good checkpoint is {last if last is not None else 'none yet'}: free some space (or pass "
+            "--keep-last K), then run the same command with --ckpt latest",
+        ) from err
 
 
 # -- retention ----------------------------------------------------------------------------------------------------

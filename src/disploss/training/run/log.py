@@ -5,9 +5,12 @@ them unconditionally.
 
 Files in the run folder:
 - `log.txt`: the console lines, each with a timestamp.
-- `metrics.jsonl`: one JSON object per log step, `{"step": 100, "loss": ..., ...}`. Every line is written and
-  flushed whole, so a killed process leaves only complete lines; a resumed run appends after calling
-  `truncate_after(resume_step)`, which keeps the steps monotone.
+- `metrics.jsonl`: one JSON object per log step, `{"step": 100, "loss": ..., ...}`. Every line is appended whole
+  in one write (disploss.fileio.LineFile), so a killed process leaves only complete lines, and a line a full disk
+  cut short is removed again before the error (a DiskFullError naming the file); a resumed run appends after
+  calling `truncate_after(resume_step)`, which keeps the steps monotone (and drops any broken line).
+- `log.txt` is written the same way; a full disk there stops the run with the same one-line error, instead of
+  logging's traceback on stderr while the run goes on unlogged.
 - `tensorboard/` (with `tensorboard=True`) and `wandb/` (with `wandb=True` unless WANDB_DIR is set).
 
 wandb (`--wandb`) reads its environment variables only when enabled (the reference read them always):
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from disploss.errors import MissingDependencyError, UsageError
-from disploss.fileio import atomic_write_bytes
+from disploss.fileio import LineFile, atomic_write_bytes
 
 __all__ = ["RunLogger", "WandbConfigError", "check_logging_setup"]
 
@@ -115,6 +118,22 @@ def check_logging_setup(wandb: bool, tensorboard: bool) -> None:
         raise MissingDependencyError("--tensorboard needs the tensorboard package: pip install 'disploss[tensorboard]'")
 
 
+class _LineHandler(logging.Handler):
+    """A logging handler that appends each record to a LineFile; a failed write raises (a full disk stops the run
+    with one line) instead of logging's "--- Logging error ---" traceback."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.file = LineFile(path)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.file.write(self.format(record) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
 class RunLogger:
     """Console + log.txt + metrics.jsonl (+ wandb, + tensorboard) for one run; no-op off the main process.
 
@@ -161,9 +180,9 @@ class RunLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        handlers: list[logging.Handler] = [logging.FileHandler(self.log_path, mode="a", encoding="utf-8")]
-        if console:
-            handlers.append(logging.StreamHandler(sys.stdout))
+        # The console first: a line the full disk refuses still reaches it.
+        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)] if console else []
+        handlers.append(_LineHandler(self.log_path))
         for handler in handlers:
             handler.setFormatter(formatter)
             self.logger.addHandler(handler)
@@ -207,8 +226,7 @@ class RunLogger:
         values = {k: _scalar(v) for k, v in {**dict(metrics or {}), **scalars}.items()}
         record = {"step": int(step), **values}
         line = json.dumps(record, allow_nan=False) + "\n"
-        self._metrics_file.write(line)  # one write + flush per line: a kill leaves complete lines
-        self._metrics_file.flush()
+        self._metrics_file.write(line)  # whole or not at all: a kill or a full disk leaves complete lines
         if echo:  # per-layer values and diagnostics ('disp/blocks.5', 'diag/...') go to the files only
             labels = self.console_labels
             text = ", ".join(f"{labels.get(k, k)}: {_format_value(v)}" for k, v in values.items() if "/" not in k)
@@ -306,7 +324,7 @@ class RunLogger:
 
     # -- internals -------------------------------------------------------------------------------------------
     def _open_metrics(self) -> None:
-        self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")
+        self._metrics_file = LineFile(self.metrics_path)
 
     def _drop_partial_tail(self) -> None:
         # A line cut by a crash of an older writer (or a full disk) would glue onto the next record.

@@ -37,6 +37,8 @@ def find_resume(cfg: TrainConfig) -> Resume:
       continues its optimizer, step and data order; trained with other experiment flags, a new run takes only its
       weights (step 0, a new optimizer). Nothing is ever written next to PATH.
     - PATH, a released or foreign file: its weights initialise a new run.
+    - A model folder or hub id (`disploss export`, SiT.save_pretrained): its weights initialise a new run, model and
+      EMA alike, with a fresh optimizer (fine-tuning).
     """
     if cfg.ckpt is None:
         return Resume()
@@ -96,7 +98,10 @@ def _runs_of_other_models(cfg: TrainConfig, seen: set[Path]) -> list[str]:
 
 def _from_path(cfg: TrainConfig, path: str) -> Resume:
     from disploss.checkpoint import load_checkpoint
+    from disploss.hub import is_model_folder, names_hub_id
 
+    if is_model_folder(path) or names_hub_id(path):
+        return _from_model_folder(path)
     state = load_checkpoint(path)
     if "step" not in state:  # a released or foreign file: its weights initialise a new run
         extra = " and optimizer state" if "opt" in state else ""
@@ -114,6 +119,17 @@ def _from_path(cfg: TrainConfig, path: str) -> Resume:
     return Resume(path, state, step, notes=[
         f"--ckpt {path} is not in a run folder of ours: a new run folder continues it (its optimizer, step {step} "
         "and data order); nothing is written next to it"
+    ])  # fmt: skip
+
+
+def _from_model_folder(path: str) -> Resume:
+    from disploss.checkpoint import load_folder, load_sit_weights
+    from disploss.hub import resolve
+
+    weights, _ = load_sit_weights(load_folder(resolve(path, flag="--ckpt")))  # checked finite
+    return Resume(path, {"model": weights, "ema": dict(weights)}, notes=[
+        f"--ckpt {path} is a model folder: a new run fine-tunes its weights (step 0, a fresh optimizer, the EMA "
+        "starting from the same weights)"
     ])  # fmt: skip
 
 
@@ -151,7 +167,7 @@ def load_weights(model: torch.nn.Module, state: dict, prefer: str, path, cfg: Tr
     from disploss.checkpoint import infer_sit_config, load_sit_weights
     from disploss.checkpoint.sit import mismatch_causes
 
-    weights, _ = load_sit_weights(state, prefer=prefer)
+    weights, _ = load_sit_weights(state, prefer=prefer, source=str(path))
     model_sd = model.state_dict()
     fits = weights.keys() == model_sd.keys() and all(weights[k].shape == v.shape for k, v in model_sd.items())
     if not fits:
