@@ -73,3 +73,14 @@ def test_the_recipe_runs_as_written_at_a_smaller_scale(tmp_path, capsys, monkeyp
     assert len(list(Path("samples/small").glob("*.npz"))) == 1 and Path("data/digits/reference.npz").is_file()
     fid = re.search(r"^FID: ([0-9.e+-]+)$", evaluated, re.M)
     assert fid and float(fid.group(1)) >= 0, evaluated
+
+
+def test_no_flip_reaches_the_datasets(tmp_path):
+    """--no-flip (the recipe's: a mirrored digit is not a digit) turns off the image folder's random flip."""
+    from disploss.training import TrainConfig
+    from disploss.training.loader import build_dataset
+    from trainkit import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=2)
+    assert build_dataset(TrainConfig(data_path=str(data), num_classes=2)).flip is True  # the reference's
+    assert build_dataset(TrainConfig(data_path=str(data), num_classes=2, no_flip=True)).flip is False

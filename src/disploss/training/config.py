@@ -120,6 +120,10 @@ class TrainConfig:
     on_nonfinite: str = option(
         "error", "a non-finite loss or gradient: stop with an error, or skip the step", choices=NONFINITE_POLICIES
     )
+    no_flip: bool = option(
+        False, "no random horizontal flip of the training images (the reference flips them; a mirrored digit or "
+        "letter is not one)",
+    )  # fmt: skip
     on_bad_image: str = option(
         "skip", "an unreadable image: skip it with a warning, or stop", choices=BAD_IMAGE_POLICIES
     )
@@ -243,7 +247,7 @@ EXPERIMENT_FIELDS = (
     "data_path", "latents", "model", "image_size", "num_classes", "vae", "global_batch_size", "global_seed",
     "disp", "disp_weight", "disp_tau", "disp_variant", "disp_block", "disp_gather", "disp_margin",
     "path_type", "prediction", "loss_weight", "train_eps", "lr", "beta2", "weight_decay", "grad_clip", "ema_decay",
-    "ema_warmup_power", "objective", "meanflow",
+    "ema_warmup_power", "no_flip", "objective", "meanflow",
 )  # fmt: skip
 _DISP_FIELDS = ("disp_weight", "disp_tau", "disp_variant", "disp_block", "disp_gather", "disp_margin")
 

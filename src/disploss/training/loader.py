@@ -52,7 +52,7 @@ def build_dataset(cfg: TrainConfig) -> torch.utils.data.Dataset:
     from disploss.data import DigitsDataset, ImageFolderDataset, LatentsDataset
 
     if cfg.latents is not None:
-        dataset = LatentsDataset(cfg.latents)
+        dataset = LatentsDataset(cfg.latents, flip=not cfg.no_flip)
         if dataset.num_classes > cfg.num_classes:
             raise ConfigError(
                 f"the latent cache {cfg.latents} has {dataset.num_classes} classes but --num-classes is {cfg.num_classes}"
@@ -66,7 +66,9 @@ def build_dataset(cfg: TrainConfig) -> torch.utils.data.Dataset:
         if cfg.num_classes < 10:
             raise ConfigError(f"the digits have 10 classes but --num-classes is {cfg.num_classes}")
         return DigitsDataset(image_size=cfg.image_size, channels=3)
-    return ImageFolderDataset(cfg.data_path, cfg.image_size, num_classes=cfg.num_classes, on_bad_image=cfg.on_bad_image)
+    return ImageFolderDataset(
+        cfg.data_path, cfg.image_size, num_classes=cfg.num_classes, on_bad_image=cfg.on_bad_image, flip=not cfg.no_flip
+    )
 
 
 def build_data(cfg: TrainConfig, device: torch.device, dataset: torch.utils.data.Dataset | None = None) -> TrainData:
