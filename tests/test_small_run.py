@@ -1,4 +1,4 @@
-"""The small-run recipe of docs/quickstart.md ("Your own data in ten minutes"), run as written at a smaller scale:
+"""The small-run recipe of docs/quickstart.md ("Your own data on a CPU"), run as written at a smaller scale:
 each command of its block, with flags appended that shrink it (20 images, 4 steps, 10 samples) and random Inception
 weights (the real ones cannot be downloaded here), ends in a grid, an .npz and an FID line."""
 
