@@ -146,6 +146,28 @@ def test_a_claim_of_this_host_is_stale_when_its_process_is_gone(tmp_path):
         sleeper.wait()
 
 
+def test_remove_stale_keeps_only_live_and_own_claims(tmp_path):
+    """Once a folder is complete, the claims of processes killed after their last image go (nobody claims those
+    blocks again), with the leftovers of a take-over killed midway; live holders' and our own claims stay."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    try:
+        with Claims(tmp_path, lease_s=3600) as claims:
+            host = claims.owner["host"]
+            _foreign_claim(tmp_path, 0, host=host, pid=sleeper.pid)  # alive
+            _foreign_claim(tmp_path, 1, host=host, pid=int(gone.stdout))  # dead
+            _foreign_claim(tmp_path, 2, age_s=7200)  # another host, past the lease
+            _foreign_claim(tmp_path, 3, age_s=60)  # another host, within the lease
+            (tmp_path / f"{claim_name(4)}.stale-abc").write_text("{}")  # a take-over killed before its unlink
+            assert claims.take("npz")
+            assert claims.remove_stale() == 3
+            left = sorted(p.name for p in tmp_path.iterdir())
+            assert left == sorted([claim_name(0), claim_name(3), claim_name("npz")])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_release_leaves_a_claim_another_process_took_over(tmp_path):
     with Claims(tmp_path) as claims:
         assert claims.take(4)

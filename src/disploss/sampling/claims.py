@@ -68,12 +68,32 @@ class Claims:
             return True
         if not self.is_stale(path):
             return False
-        try:  # of two processes that found it stale, only one renames it away
-            os.rename(path, path.with_name(f"{name}.stale-{self.owner['token']}"))
+        if not self._remove_stale(path):
+            return False
+        return self._create(path, block)
+
+    def remove_stale(self) -> int:
+        """Remove every stale claim in the folder (of processes killed after their last image, whose blocks nobody
+        claims again) and the leftovers of a take-over killed midway; returns how many. Called once the folder is
+        complete."""
+        removed = 0
+        for path in self.folder.glob(PREFIX + "*"):
+            if ".stale-" in path.name:  # renamed away by a take-over that was killed before removing it
+                path.unlink(missing_ok=True)
+                removed += 1
+            elif path.name not in self.held and self.is_stale(path) and self._remove_stale(path):
+                removed += 1
+        return removed
+
+    def _remove_stale(self, path: Path) -> bool:
+        # Of two processes that found a claim stale, only one renames it away (and then removes it).
+        moved = path.with_name(f"{path.name}.stale-{self.owner['token']}")
+        try:
+            os.rename(path, moved)
         except FileNotFoundError:
             return False
-        os.unlink(path.with_name(f"{name}.stale-{self.owner['token']}"))
-        return self._create(path, block)
+        moved.unlink(missing_ok=True)
+        return True
 
     def release(self, block: int | str) -> None:
         """Give a claim back: its file is removed, unless another process took it over meanwhile."""

@@ -326,6 +326,11 @@ def _write_npz_once(
     while not claims.take("npz"):
         time.sleep(POLL_S)
     try:
+        # Holding the .npz claim, no other launch writes it: what a killed write left beside it, and the claims of
+        # processes killed after their last image (their blocks are never claimed again), can go.
+        for tmp in npz_path.parent.glob(f".{npz_path.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        claims.remove_stale()
         if npz_path.exists() and npz_path.stat().st_mtime >= started and npz_image_count(npz_path) == num:
             log(f"{npz_path} was written by another launch on this folder meanwhile [{num} images]")
             return npz_path
