@@ -1,4 +1,5 @@
-"""Shared fixtures: the reference fixture file (tests/data/sit_reference_small.*) and a tiny random SiT."""
+"""Shared fixtures: the reference fixture file (tests/data/sit_reference_small.*), one thread per session, a closed-form
+Gaussian target, a recorder of SiT.forward calls and an image folder. Helpers are in trainkit.py."""
 
 from __future__ import annotations
 
@@ -37,36 +38,11 @@ def reference_model(reference, reference_config):
     return model.eval().requires_grad_(False)
 
 
-def make_tiny_sit(seed: int = 0, **overrides):
-    """A tiny SiT (8x8x4 input, 2 blocks, width 32) whose zero-initialised layers are re-drawn, so its
-    output is not zero. Eval mode."""
-    from disploss.models import SiT
-
-    config = dict(input_size=8, patch_size=4, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=5)
-    config.update(overrides)
-    torch.manual_seed(seed)
-    model = SiT(**config)
-    with torch.no_grad():
-        for module in [
-            *(b.adaLN_modulation[-1] for b in model.blocks),
-            model.final_layer.adaLN_modulation[-1],
-            model.final_layer.linear,
-        ]:
-            module.weight.normal_(0, 0.1)
-            module.bias.normal_(0, 0.1)
-    return model.eval()
-
-
-@pytest.fixture(scope="session")
-def tiny_sit_factory():
-    """make_tiny_sit(seed=0, **config_overrides) -> a fresh tiny SiT with non-zero output."""
-    return make_tiny_sit
-
-
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def single_thread():
-    """One intra-op thread for every test: the CPUs are shared, and on small tensors torch's thread pool only
-    adds contention (an SDE test ran 20x slower with 2 threads on a loaded machine)."""
+    """One intra-op thread for the whole session, module fixtures included: the CPUs are shared, and on small tensors
+    torch's thread pool only adds contention (an SDE test ran 20x slower with 2 threads on a loaded machine). A test
+    that changes the thread count restores it."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -143,16 +119,6 @@ class GaussianTarget:
 def gaussian():
     """GaussianTarget(path_type, mean, std): closed-form fields of a Gaussian data distribution."""
     return GaussianTarget
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Torch on 1 thread for a module (use with `pytestmark = pytest.mark.usefixtures("one_thread")`): tiny CPU work
-    on a machine shared with other jobs is 10-30x slower in an oversubscribed 2-thread pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class ForwardCalls(list):

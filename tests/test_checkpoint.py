@@ -15,6 +15,7 @@ import torch
 from disploss import checkpoint as ckpt
 from disploss.commands import convert_checkpoint as convert_command
 from disploss.models import SiT
+from trainkit import max_abs_diff, tiny_sit
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 
@@ -22,17 +23,6 @@ TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, 
 class Custom:  # a class the weights-only loader refuses
     def __init__(self):
         self.value = 3
-
-
-def tiny_sit(**overrides) -> SiT:
-    torch.manual_seed(0)
-    return SiT(**{**TINY, **overrides})
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert sorted(a) == sorted(b)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 # ---- save / load --------------------------------------------------------------------------------------------
@@ -53,7 +43,7 @@ def test_round_trip_weights_only(tmp_path):
     }
     path = ckpt.save_checkpoint(tmp_path / "ckpts" / "0000007.pt", state)
     loaded = torch.load(path, weights_only=True)
-    assert_same_state(loaded["model"], state["model"])
+    assert max_abs_diff(loaded["model"], state["model"]) == 0
     assert loaded["args"] == state["args"] and loaded["train_steps"] == 7
     assert loaded["nested"] == [1, (2.5, None, True)]
     back = ckpt.load_checkpoint(path)
@@ -241,12 +231,7 @@ def test_find_latest_run(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = tiny_sit()
-    with torch.no_grad():  # non-zero output layers, so equality checks mean something
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.01)
-    return model
+    return tiny_sit(**TINY)  # non-zero output layers, so equality checks mean something
 
 
 @pytest.mark.parametrize("layout", ["bare", "ema", "model+ema", "module_prefix", "compile_prefix", "model_only"])
@@ -263,7 +248,7 @@ def test_load_sit_weights_layouts(tmp_path, tiny, layout):
     }[layout]
     path = ckpt.save_checkpoint(tmp_path / "c.pt", obj)
     weights, config = ckpt.load_sit_weights(path)
-    assert_same_state(weights, sd)
+    assert max_abs_diff(weights, sd) == 0
     expected = dict(tiny.config())
     if layout == "model+ema":
         # the stored args name SiT-XL/2: heads come from the name (shapes cannot tell them)
@@ -321,7 +306,7 @@ def test_mismatch_messages(tmp_path, tiny):
     assert "final_layer.linear.weight: checkpoint (32, 64), model (16, 64)" in msg
     assert "trained with learn_sigma=True" in msg
 
-    no_sigma = tiny_sit(learn_sigma=False)  # e.g. what the reference's sample.py built for custom checkpoints
+    no_sigma = tiny_sit(**TINY, learn_sigma=False)  # e.g. what the reference's sample.py built for custom checkpoints
     path2 = ckpt.save_checkpoint(tmp_path / "d.pt", {"ema": no_sigma.state_dict(), "model_config": no_sigma.config()})
     msg = _mismatch(path2, learn_sigma=True)
     assert "final_layer.linear.weight: checkpoint (16, 64), model (32, 64)" in msg
@@ -331,7 +316,9 @@ def test_mismatch_messages(tmp_path, tiny):
 
 
 def test_mismatch_model_size(tmp_path):
-    small = ckpt.save_checkpoint(tmp_path / "s.pt", {"ema": tiny_sit(input_size=16, patch_size=8).state_dict()})
+    small = ckpt.save_checkpoint(
+        tmp_path / "s.pt", {"ema": tiny_sit(**{**TINY, "input_size": 16, "patch_size": 8}).state_dict()}
+    )
     msg = _mismatch(small, model_name="SiT-S/8", image_size=128)
     assert "model size" in msg and "SiT-S/8 (hidden_size 384, depth 12, patch_size 8)" in msg
     assert "pos_embed: checkpoint (1, 4, 64), model (1, 4, 384)" in msg
@@ -345,7 +332,7 @@ def test_heads_from_model_name(tmp_path):
     built, config = ckpt.build_sit_from_checkpoint(path, image_size=64)
     assert config["num_heads"] == 6 and config["depth"] == 12 and config["num_classes"] == 3
     built2, _ = ckpt.build_sit_from_checkpoint(path, model_name="SiT-S/8")
-    assert_same_state(built2.state_dict(), model.state_dict())
+    assert max_abs_diff(built2.state_dict(), model.state_dict()) == 0
 
 
 # ---- safetensors ------------------------------------------------------------------------------------------
@@ -361,12 +348,12 @@ def test_safetensors_export_import(tmp_path, tiny):
     args = ckpt_parser().parse_args([str(src), str(out), "--to-safetensors"])
     assert convert_command.run(args) == 0
     tensors, config = ckpt.import_safetensors(out)
-    assert_same_state(tensors, sd)
+    assert max_abs_diff(tensors, sd) == 0
     assert config == tiny.config()
     weights, config2 = ckpt.load_sit_weights(out)
-    assert_same_state(weights, sd) and config2 == tiny.config()
+    assert max_abs_diff(weights, sd) == 0 and config2 == tiny.config()
     model, _ = ckpt.build_sit_from_checkpoint(out)
-    assert_same_state(model.state_dict(), sd)
+    assert max_abs_diff(model.state_dict(), sd) == 0
 
     # --weights model, implied by the .safetensors suffix
     out2 = tmp_path / "model.safetensors"

@@ -15,8 +15,7 @@ import pytest
 
 from disploss.evaluation.npz import load_samples_npz
 from disploss.sampling.claims import Claims, claim_name
-from test_sample import random_sit, save_training_checkpoint
-from trainkit import env
+from trainkit import MODEL, env, save_training_checkpoint, tiny_sit
 
 N = 70  # three blocks of 32
 ARGS = ["ODE", "--sampling-method", "euler", "--num-sampling-steps", "2", "--num-fid-samples", str(N),
@@ -56,7 +55,7 @@ LAUNCH = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return save_training_checkpoint(tmp_path_factory.mktemp("ckpt") / "0000100.pt", random_sit(0))
+    return save_training_checkpoint(tmp_path_factory.mktemp("ckpt") / "0000100.pt", tiny_sit(0, preset=MODEL))
 
 
 def launch(tmp_path, ckpt, sample_dir, launches: int, **extra_env) -> subprocess.Popen:

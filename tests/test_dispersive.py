@@ -10,8 +10,6 @@ import torch
 
 from disploss.dispersive import VARIANTS, dispersive_loss, pairwise_sq_dists, reference_infonce_l2
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 # -- explicit definitions (python loops in float64), independent of the Gram-matrix implementation --------
 def _rows(z: torch.Tensor) -> list[list[float]]:

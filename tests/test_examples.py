@@ -106,3 +106,21 @@ def test_docs_dit_snippet_runs_and_its_term_is_the_dispersive_loss():
     total = mse + reg.weight * torch.stack(list(expected.values())).mean()
     torch.testing.assert_close(namespace["loss"].detach().double(), total, rtol=1e-5, atol=1e-6)
     assert all(p.grad is not None for p in model.transformer_blocks.parameters() if p.requires_grad)
+
+
+def test_every_test_the_docs_name_exists():
+    """A test the docs cite as evidence (`tests/test_x.py` or `test_x.py::test_name`) is a file of tests/ that
+    defines that test: a renamed or merged test module cannot leave a page pointing at nothing."""
+    pages = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *(ROOT / "docs").glob("*.md"), *ROOT.glob("*/**/*.md")]
+    pages = [p for p in pages if ".venv" not in p.parts and "results" not in p.name]
+    cited = re.compile(r"\b(test_[a-z0-9_]+\.py)(?:::([A-Za-z0-9_]+))?")
+    defined = {f.name: {n.name for n in ast.parse(f.read_text()).body if hasattr(n, "name")}
+               for f in (ROOT / "tests").glob("test_*.py")}  # fmt: skip
+    missing, count = [], 0
+    for page in pages:
+        for match in cited.finditer(page.read_text()):
+            count += 1
+            module, name = match.groups()
+            if module not in defined or (name and name not in defined[module]):
+                missing.append(f"{page.relative_to(ROOT)}: {match.group(0)}")
+    assert count > 50 and not missing, missing

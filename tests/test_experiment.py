@@ -21,9 +21,6 @@ from experiments.digits.cli import digits_config
 QUICK_CLASSIFIER = ex.QUICK["classifier"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("disploss-cache")

@@ -13,8 +13,6 @@ import torch
 from experiments import digits as ex
 from experiments.digits.scoring import sample_checkpoint
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def test_meanflow_arms_and_their_train_configs(tmp_path):
     cfg = ex.DigitsConfig(out=str(tmp_path), meanflow=True, cfg_scale=1.5)

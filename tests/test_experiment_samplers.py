@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from disploss.commands.main import main
 from disploss.errors import ConfigError
@@ -15,16 +14,11 @@ from experiments.digits import samplers as ex
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("samplers-quick")
     cache = tmp_path_factory.mktemp("cache")
     argv = ["experiment", "samplers", "--quick", "--out", str(out), "--cache-dir", str(cache),
             "--samplers", "ode:dopri5,ode:heun2:3,ode:ab2:4,ode:ab3:4:power1.5,sde:Euler:5"]  # fmt: skip
-    try:
-        yield main(argv), out, argv
-    finally:
-        torch.set_num_threads(threads)
+    return main(argv), out, argv
 
 
 def test_quick_run_counts_model_calls_and_pairs_with_dopri5(quick):

@@ -18,8 +18,7 @@ from disploss.checkpoint import save_checkpoint
 from disploss.hub import CONFIG_NAME, WEIGHTS_NAME
 from disploss.models import SiT
 from disploss.statedict import fingerprint
-from test_sample import MODEL, call, random_sit, read_png
-from trainkit import error_line, make_image_folder, only_run, tiny_flags, train_cli
+from trainkit import MODEL, call, error_line, make_image_folder, only_run, read_png, tiny_flags, tiny_sit, train_cli
 
 RUN_ARGS = {
     "model": MODEL, "image_size": 8, "num_classes": 5, "vae": "none", "path_type": "Linear", "prediction": "velocity",
@@ -33,7 +32,7 @@ RUN_ARGS = {
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory):
     """One of our training checkpoints (model != ema), at step 100."""
-    ema, model = random_sit(0), random_sit(1)
+    ema, model = tiny_sit(0, preset=MODEL), tiny_sit(1, preset=MODEL)
     path = tmp_path_factory.mktemp("run") / "0000100.pt"
     args = {**RUN_ARGS, "model_config": ema.config()}
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": {}, "args": args, "step": 100}
@@ -165,7 +164,7 @@ def test_refusals_write_nothing(capsys, tmp_path, released, ours):
     assert rc == 2 and "exists and is not an empty folder" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"] and (tmp_path / "full" / "mine.txt").is_file()
     nan = tmp_path / "nan.pt"
-    state = random_sit(0).state_dict()
+    state = tiny_sit(0, preset=MODEL).state_dict()
     state["final_layer.linear.bias"][1] = float("nan")
     torch.save({"ema": state}, nan)
     rc, _, err = export(capsys, nan, tmp_path / "b")
@@ -248,7 +247,7 @@ def test_sample_ddp_on_the_folder_gives_the_checkpoints_npz(capsys, tmp_path, ou
 
 
 def test_train_fine_tunes_from_a_folder(tmp_path, capsys):
-    model = random_sit(3, num_classes=3)
+    model = tiny_sit(3, preset=MODEL, num_classes=3)
     folder = model.save_pretrained(tmp_path / "start")
     images = make_image_folder(tmp_path / "images")
     results = tmp_path / "results"

@@ -25,6 +25,7 @@ from disploss.training.ema import EMA
 from disploss.training.objective import Objective
 from disploss.transport import Sampler, create_transport
 from disploss.transport.transport import mean_flat
+from trainkit import tiny_sit
 
 
 def _batch(seed: int = 0, n: int = 8, classes: int = 5):
@@ -44,8 +45,8 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 # -- bf16 autocast ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [0, 1])
-def test_bf16_autocast_losses_match_fp32_and_reduce_in_fp32(tiny_sit_factory, seed):
-    model = tiny_sit_factory(seed, class_dropout_prob=0.0).train()
+def test_bf16_autocast_losses_match_fp32_and_reduce_in_fp32(seed):
+    model = tiny_sit(seed, class_dropout_prob=0.0).train()
     transport = create_transport()
     x, y, t, noise = _batch(seed)
     kw = dict(t=t, noise=noise)
@@ -86,7 +87,7 @@ def test_bf16_autocast_losses_match_fp32_and_reduce_in_fp32(tiny_sit_factory, se
 
 # -- torch.compile ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_compile_wrapping_gives_the_same_losses_and_grads(tiny_sit_factory, backend):
+def test_compile_wrapping_gives_the_same_losses_and_grads(backend):
     """The wrapping that `--compile` does (dynamo tracing, graph breaks, return_act, AOT autograd) on CPU.
 
     The inductor backend needs a C++ toolchain and takes minutes on a small CPU: see the slow test below.
@@ -96,7 +97,7 @@ def test_compile_wrapping_gives_the_same_losses_and_grads(tiny_sit_factory, back
     x, y, t, noise = _batch(2)
     results = []
     for compiled in (False, True):
-        model = tiny_sit_factory(3, class_dropout_prob=0.0).train()
+        model = tiny_sit(3, class_dropout_prob=0.0).train()
         reg = DispersiveRegularizer(model, layers="blocks.1", weight=0.25)  # hooks first, then compile
         net = torch.compile(model, backend=backend) if compiled else model
         terms = Objective(transport, reg)(net, x, y, t=t, noise=noise)
@@ -111,13 +112,13 @@ def test_compile_wrapping_gives_the_same_losses_and_grads(tiny_sit_factory, back
 
 
 @pytest.mark.slow
-def test_compile_inductor_matches_eager(tiny_sit_factory, request):
+def test_compile_inductor_matches_eager(request):
     """The real `--compile` backend. On the 2-core CI machine inductor takes ~90 s to compile this tiny model
     (C++ code generation, cold cache), hence it runs only when asked for: `pytest -m slow`."""
     if "slow" not in (request.config.getoption("markexpr") or "").replace("not slow", ""):
         pytest.skip("inductor compiles for ~90 s on a 2-core CPU; run with -m slow")
     torch._dynamo.reset()
-    model = tiny_sit_factory(4).eval()
+    model = tiny_sit(4).eval()
     x, y, t, _ = _batch(4)
     start = time.time()
     try:
@@ -132,7 +133,7 @@ def test_compile_inductor_matches_eager(tiny_sit_factory, request):
 
 
 # -- SDPA backends ----------------------------------------------------------------------------------------
-def test_sdpa_default_kernel_matches_math_and_the_formula(tiny_sit_factory):
+def test_sdpa_default_kernel_matches_math_and_the_formula():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     g = torch.Generator().manual_seed(5)
@@ -148,7 +149,7 @@ def test_sdpa_default_kernel_matches_math_and_the_formula(tiny_sit_factory):
     x, y, t, _ = _batch(6)
     outs = []
     for backend in (None, SDPBackend.MATH):
-        model = tiny_sit_factory(6).train()
+        model = tiny_sit(6).train()
         with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
             out, acts = model(x, t, y, return_act=True)
             (out.square().mean() + acts[-1].square().mean()).backward()
@@ -160,7 +161,7 @@ def test_sdpa_default_kernel_matches_math_and_the_formula(tiny_sit_factory):
 
 # -- AdamW implementations --------------------------------------------------------------------------------
 @pytest.mark.parametrize("impl", ["foreach", "fused"])
-def test_adamw_fast_implementations_match_the_for_loop(tiny_sit_factory, impl):
+def test_adamw_fast_implementations_match_the_for_loop(impl):
     """`disploss train` uses fused AdamW on CUDA; the reference uses torch's default. Fused AdamW on the CPU
     exists since torch 2.4 (and is ~2.5x faster than the default for-loop there: BENCHMARKS.md).
 
@@ -168,7 +169,7 @@ def test_adamw_fast_implementations_match_the_for_loop(tiny_sit_factory, impl):
     Adam normalises round-off-sized gradients (the key bias of attention has a zero gradient in exact
     arithmetic) into full-size steps.
     """
-    base = tiny_sit_factory(7).train()
+    base = tiny_sit(7).train()
     start = copy.deepcopy(base.state_dict())
     models = {"for-loop": base, impl: copy.deepcopy(base)}
     try:
@@ -194,8 +195,8 @@ def test_adamw_fast_implementations_match_the_for_loop(tiny_sit_factory, impl):
 
 
 # -- EMA ----------------------------------------------------------------------------------------------------
-def test_ema_foreach_lerp_matches_the_reference_loop(tiny_sit_factory):
-    model = tiny_sit_factory(8)
+def test_ema_foreach_lerp_matches_the_reference_loop():
+    model = tiny_sit(8)
     ema = EMA(model)
     plain = copy.deepcopy(model).requires_grad_(False)
     for step in range(5):
@@ -218,14 +219,14 @@ def test_ema_foreach_lerp_matches_the_reference_loop(tiny_sit_factory):
 
 # -- gradient checkpointing ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("disp_block", [-1, 0])
-def test_grad_checkpointing_training_losses_match(tiny_sit_factory, disp_block):
+def test_grad_checkpointing_training_losses_match(disp_block):
     """Through training_losses with the dispersive term on a checkpointed block's output (tests/test_models.py
     checks the model alone)."""
     transport = create_transport()
     x, y, t, noise = _batch(9)
     results = []
     for ckpt in (False, True):
-        model = tiny_sit_factory(9, class_dropout_prob=0.0).train()
+        model = tiny_sit(9, class_dropout_prob=0.0).train()
         model.grad_checkpointing = ckpt
         reg = DispersiveRegularizer(model, layers=f"blocks.{disp_block % len(model.blocks)}", weight=0.5)
         terms = Objective(transport, reg)(model, x, y, t=t, noise=noise)
@@ -239,10 +240,10 @@ def test_grad_checkpointing_training_losses_match(tiny_sit_factory, disp_block):
 # -- fixed-step samplers ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,calls_per_step", [("euler", 1), ("heun2", 2)])
 @pytest.mark.parametrize("num_steps", [2, 5, 11])
-def test_fixed_step_samplers_count_and_match_torchdiffeq(tiny_sit_factory, method, calls_per_step, num_steps):
+def test_fixed_step_samplers_count_and_match_torchdiffeq(method, calls_per_step, num_steps):
     from torchdiffeq import odeint
 
-    model = tiny_sit_factory(11)
+    model = tiny_sit(11)
     x, y, _, _ = _batch(11, n=3)
     calls = []
 

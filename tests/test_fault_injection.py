@@ -35,9 +35,13 @@ import torch
 from disploss.commands.main import main
 from disploss.data import BadImageWarning
 from disploss.data import latents as fmt
-from trainkit import make_image_folder, only_run, save_tiny_vae, tiny_flags
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from trainkit import (
+    make_image_folder,
+    only_run,
+    save_tiny_vae,
+    tiny_flags,
+    write_latent_cache,
+)
 
 
 def run(capsys, *argv) -> tuple[int, str]:
@@ -228,28 +232,6 @@ def test_a_damaged_safetensors_file_is_one_line_naming_it(exported, images, tmp_
 
 
 # -- the latent cache: shards, manifest, plan ----------------------------------------------------------------------
-COUNT, LATENT = 16, (4, 4, 4)  # 2 shards of 8 (SiT-T/2 on 4x4x4 latents: "8 px" images with a VAE of factor 2)
-
-
-def write_cache(root: Path, complete: bool = True) -> Path:
-    """A valid latent cache written with the format module (no VAE needed): moments drawn from N(0, 1), std 0.1."""
-    rng = np.random.default_rng(0)
-    plan = {
-        "format": fmt.LATENT_FORMAT, "version": fmt.LATENT_FORMAT_VERSION, "image_size": 8, "vae": "ema",
-        "scale": 0.18215, "shift": 0.0, "latent_shape": list(LATENT), "downsample_factor": 2, "count": COUNT,
-        "num_classes": 3, "class_names": ["a", "b", "c"], "shard_size": 8, "num_shards": 2, "dtype": "float32",
-        "alpha": "white", "data_path": "/nowhere", "layout": fmt.LAYOUT,
-    }  # fmt: skip
-    fmt.prepare_cache_folder(root, plan)
-    for k in range(2):
-        moments = rng.standard_normal((8, 2, 2, *LATENT)).astype(np.float32)
-        moments[:, :, 1] = 0.1
-        fmt.write_shard(root, k, moments, np.arange(8) % 3)
-    if complete:
-        fmt.write_manifest(root, plan)
-    return root
-
-
 def latents_entry(cache: Path, images: Path, tmp: Path) -> list:
     return ["train", *tiny_flags(images, tmp / "results", steps=2, latents=cache)]  # 2 steps read all 16 items
 
@@ -287,7 +269,7 @@ SHARD_DAMAGE = {  # (damage of moments_000000.npy or labels_000000.npy, the file
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    return write_cache(tmp_path_factory.mktemp("cache") / "latents")
+    return write_latent_cache(tmp_path_factory.mktemp("cache") / "latents")
 
 
 def copy_cache(cache: Path, tmp: Path) -> Path:

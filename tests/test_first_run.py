@@ -168,9 +168,12 @@ def test_demo_trains_on_one_thread_by_default_and_restores_threads(tmp_path, mon
 
     monkeypatch.setattr(demo, "train", fake_train)
     torch.set_num_threads(2)
-    demo.run_demo(demo.DemoConfig(results_dir=str(tmp_path), steps=7))
-    assert seen == [(1, 7)] and torch.get_num_threads() == 2
-    demo.run_demo(demo.DemoConfig(results_dir=str(tmp_path), steps=7, threads=2))
+    try:
+        demo.run_demo(demo.DemoConfig(results_dir=str(tmp_path), steps=7))
+        assert seen == [(1, 7)] and torch.get_num_threads() == 2
+        demo.run_demo(demo.DemoConfig(results_dir=str(tmp_path), steps=7, threads=2))
+    finally:
+        torch.set_num_threads(1)  # the session's one thread (conftest.single_thread)
     assert seen[-1] == (2, 7)
     out = capsys.readouterr().out
     assert "1 CPU thread(s)" in out and "--cfg-scale 2.0" in out

@@ -13,7 +13,7 @@ import torch
 from disploss.errors import ConfigError
 from disploss.training import TrainConfig
 from disploss.training.run.resume import Resume, check_process_split
-from trainkit import SHIM, load, max_abs_diff, only_run, run_dirs, tiny_flags, torchrun, train_cli
+from trainkit import SHIM, load, max_abs_diff, only_run, run_dirs, tiny_flags, tiny_sit, torchrun, train_cli
 
 # Two processes average their gradients in DDP's all-reduce, one process sums the K micro-batches' gradients scaled
 # by 1 / K: the same numbers up to float rounding. Measured on the 2-core CPU (gloo, 2026-12-04): bit-identical
@@ -139,14 +139,14 @@ def test_strided_micro_batches_are_the_batches_of_more_processes():
                     assert batch[j::k].tolist() == reference[world * j + rank][step], (world, k, rank, step, j)
 
 
-def test_accumulated_gradient_is_the_mean_of_the_micro_batches(tiny_sit_factory):
+def test_accumulated_gradient_is_the_mean_of_the_micro_batches():
     """train_step with K = 2 leaves the mean of the two micro-batches' gradients, each drawn under its own seed."""
     from disploss.training.ema import EMA
     from disploss.training.objective import Objective
     from disploss.training.step import StepOptions, seed_micro_batch, train_step
     from disploss.transport import create_transport
 
-    model = tiny_sit_factory(0).train()
+    model = tiny_sit(0).train()
     objective = Objective(create_transport("Linear", "velocity", None, None, None))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(6, 4, 8, 8, generator=g), torch.randint(0, 5, (6,), generator=g)
@@ -166,7 +166,7 @@ def test_accumulated_gradient_is_the_mean_of_the_micro_batches(tiny_sit_factory)
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_ddp_all_reduces_once_per_step_not_per_micro_batch(tiny_sit_factory, tmp_path):
+def test_ddp_all_reduces_once_per_step_not_per_micro_batch(tmp_path):
     import torch.distributed as tdist
 
     from disploss.training.ema import EMA
@@ -176,7 +176,7 @@ def test_ddp_all_reduces_once_per_step_not_per_micro_batch(tiny_sit_factory, tmp
 
     tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        model = tiny_sit_factory(0).train()
+        model = tiny_sit(0).train()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         calls = []
 

@@ -16,8 +16,7 @@ from safetensors.torch import load_file, save_file
 from disploss.errors import ConfigError, HubUnavailableError, MissingFileError, NonFiniteWeightsError
 from disploss.hub import CONFIG_NAME, WEIGHTS_NAME
 from disploss.models import SiT
-from test_sample import call, random_sit
-from trainkit import ROOT, env
+from trainkit import MODEL, ROOT, call, env, tiny_sit
 
 
 def tiny(meanflow: bool = False, seed: int = 0) -> SiT:
@@ -188,7 +187,7 @@ def test_models_import_and_local_folders_work_without_huggingface_hub(tmp_path):
 
 def test_sampling_flags_check_the_folder_like_a_checkpoint(capsys, tmp_path):
     # A model folder goes through the same checks as a file: a contradicting flag names the setting.
-    folder = random_sit(0).save_pretrained(tmp_path / "sit")
+    folder = tiny_sit(0, preset=MODEL).save_pretrained(tmp_path / "sit")
     rc, _, err = call(capsys, ["sample", "ODE", "--ckpt", str(folder), "--vae", "none", "--num-classes", "7",
                                "--out", str(tmp_path / "g.png")])  # fmt: skip
     assert rc == 2 and "y_embedder.embedding_table.weight" in err and "--num-classes 5" in err
@@ -203,7 +202,7 @@ def test_train_ckpt_of_a_hub_id_or_a_missing_file(tmp_path, offline_cache, monke
         find_resume(TrainConfig(ckpt="someone/not-cached"))
     with pytest.raises(MissingFileError, match="checkpoint not found: runs/0000100.pt"):  # a file name, no hub id
         find_resume(TrainConfig(ckpt="runs/0000100.pt"))
-    _cache_hub_id(offline_cache, "someone/sit-t", random_sit(0).save_pretrained(tmp_path / "sit"))
+    _cache_hub_id(offline_cache, "someone/sit-t", tiny_sit(0, preset=MODEL).save_pretrained(tmp_path / "sit"))
     resume = find_resume(TrainConfig(ckpt="someone/sit-t", model="SiT-T/2"))
     assert resume.step == 0 and "opt" not in resume.state and "fine-tunes its weights" in resume.notes[0]
-    assert all(torch.equal(resume.state["ema"][k], v) for k, v in random_sit(0).state_dict().items())
+    assert all(torch.equal(resume.state["ema"][k], v) for k, v in tiny_sit(0, preset=MODEL).state_dict().items())

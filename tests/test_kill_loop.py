@@ -20,8 +20,7 @@ import pytest
 from disploss.checkpoint import checkpoint_step, load_checkpoint
 from disploss.commands.main import main
 from disploss.evaluation.npz import load_samples_npz
-from test_sample import random_sit, save_training_checkpoint
-from trainkit import SHIM, load, max_abs_diff, only_run, tiny_flags, torchrun
+from trainkit import MODEL, SHIM, load, max_abs_diff, only_run, save_training_checkpoint, tiny_flags, tiny_sit, torchrun
 
 KILLS = 3
 TRAIN_SEED, SAMPLE_SEED = 19, 20  # seed 19 draws both kinds of point and both ranks (asserted below)
@@ -176,7 +175,7 @@ def folder_and_npz(sample_dir):
 
 @pytest.mark.timeout(900)
 def test_sample_ddp_killed_three_times_ends_with_the_uninterrupted_npz(tmp_path, capsys):
-    ckpt = save_training_checkpoint(tmp_path / "0000100.pt", random_sit(0))
+    ckpt = save_training_checkpoint(tmp_path / "0000100.pt", tiny_sit(0, preset=MODEL))
     assert main(["sample-ddp", *ARGS, "--ckpt", str(ckpt), "--sample-dir", str(tmp_path / "straight")]) == 0
     want = load_samples_npz(folder_and_npz(tmp_path / "straight")[1])  # one process: the .npz does not depend on it
 

@@ -12,8 +12,7 @@ from disploss.commands.main import main
 from disploss.data import LatentsDataset
 from disploss.data import latents as fmt
 from disploss.data.vae import LatentCodec
-from test_fault_injection import write_cache
-from trainkit import make_image_folder, save_tiny_vae
+from trainkit import make_image_folder, save_tiny_vae, write_latent_cache
 
 pytest.importorskip("diffusers")
 
@@ -61,7 +60,7 @@ def test_extraction_refuses_non_finite_moments_naming_the_image(vae_and_images, 
 
 
 def test_opening_a_cache_reads_headers_only(tmp_path, monkeypatch):
-    root = write_cache(tmp_path / "latents")
+    root = write_latent_cache(tmp_path / "latents")
     loads = []
     real = np.load
     monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(a) or real(*a, **k))
@@ -72,7 +71,7 @@ def test_opening_a_cache_reads_headers_only(tmp_path, monkeypatch):
 
 
 def test_the_item_check_finds_exactly_the_damaged_row(tmp_path):
-    root = write_cache(tmp_path / "latents")
+    root = write_latent_cache(tmp_path / "latents")
     moments = np.load(root / fmt.moments_name(1))
     moments[2, 0, 1, 0, 0, 0] = np.inf  # item 8 + 2 = 10, in the std of the flipped view
     fmt.save_npy(root / fmt.moments_name(1), moments)

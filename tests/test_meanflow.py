@@ -26,23 +26,7 @@ from disploss.models import SiT, math_attention
 from disploss.regularizer import DispersiveRegularizer
 from disploss.statedict import fingerprint
 from disploss.transport import create_transport
-from test_sample import call, random_sit, save_training_checkpoint
-
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def tiny_meanflow_sit(seed: int = 0, dtype=torch.float64, **overrides) -> SiT:
-    """A tiny MeanFlow SiT (8x8x3, 2 blocks, width 32, 5 classes) whose zero-initialised layers are re-drawn."""
-    config = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5)
-    config.update(overrides)
-    torch.manual_seed(seed)
-    model = SiT(meanflow=True, **config)
-    with torch.no_grad():
-        for module in [*(b.adaLN_modulation[-1] for b in model.blocks), model.final_layer.adaLN_modulation[-1],
-                       model.final_layer.linear]:  # fmt: skip
-            module.weight.normal_(0, 0.1)
-            module.bias.normal_(0, 0.1)
-    return model.to(dtype)
+from trainkit import MEANFLOW_SIT, MODEL, call, save_training_checkpoint, tiny_sit
 
 
 def expand(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -178,7 +162,7 @@ def test_jvp_equals_a_finite_difference_on_a_tiny_sit(training):
     """du/dt along (v, 0, 1) of (z, r, t), from one pass on dual tensors through SiT (its attention switches to the
     written-out form), against a 5-point central difference in float64 (h = 1e-2: SiT embeds t in float32, so a
     smaller step would measure float32 rounding)."""
-    model = tiny_meanflow_sit().train(training)
+    model = tiny_sit(dtype=torch.float64, **MEANFLOW_SIT).train(training)
     g = torch.Generator().manual_seed(2)
     z, v = torch.randn(3, 3, 8, 8, generator=g).double(), torch.randn(3, 3, 8, 8, generator=g).double()
     t, r, y = torch.tensor([0.1, 0.4, 0.6]).double(), torch.tensor([0.9, 0.4, 0.8]).double(), torch.tensor([0, 4, 5])
@@ -199,18 +183,33 @@ def test_jvp_equals_a_finite_difference_on_a_tiny_sit(training):
     assert (wrong - fd).abs().max() > 100 * (dudt - fd).abs().max()
 
 
-def test_sdpa_alone_has_no_forward_derivative():
-    """Why SiT's attention needs the written-out path: SDPA's fused kernel refuses dual tensors (if a later torch
-    implements it, the switch becomes unnecessary, not wrong)."""
+def test_attention_on_dual_inputs_has_the_plain_value_and_a_true_derivative(monkeypatch):
+    """SiT's Attention on forward-mode dual inputs (MeanFlow's JVP): the primal equals the plain (SDPA) forward,
+    the tangent a central difference, and SDPA is never handed a dual tensor (its fused kernels have no forward
+    derivative)."""
     import torch.autograd.forward_ad as fwAD
 
-    q = torch.randn(1, 1, 4, 2)
-    with fwAD.dual_level():
-        try:
-            torch.nn.functional.scaled_dot_product_attention(fwAD.make_dual(q, torch.ones_like(q)), q, q)
-        except (NotImplementedError, RuntimeError):
-            return
-    pytest.skip("this torch's SDPA supports forward-mode AD")
+    from disploss.models import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(8, num_heads=2).double()
+    x, dx = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        plain = attn(x)
+        h = 1e-4
+        fd = (attn(x + h * dx) - attn(x - h * dx)) / (2 * h)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def plain_only(q, k, v, **kwargs):
+        assert fwAD.unpack_dual(q).tangent is None, "SDPA was given a dual tensor"
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", plain_only)
+    with torch.no_grad(), fwAD.dual_level():
+        primal, tangent = fwAD.unpack_dual(attn(fwAD.make_dual(x, dx)))
+    torch.testing.assert_close(primal, plain, rtol=1e-10, atol=1e-12)
+    assert fd.abs().max() > 1e-3
+    torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-8)
 
 
 # -- the objective ---------------------------------------------------------------------------------------------
@@ -234,7 +233,7 @@ def test_r_equal_t_is_flow_matching():
     t = torch.tensor([0.1, 0.35, 0.6, 0.9], dtype=torch.float64)
     drop = torch.zeros(4, dtype=torch.bool)
     D = x1[0].numel()
-    model = tiny_meanflow_sit().train()
+    model = tiny_sit(dtype=torch.float64, **MEANFLOW_SIT).train()
     transport = create_transport()
     flow = transport.training_losses(
         lambda x, s, y: model(x, s, y, r=s, force_drop_ids=torch.zeros_like(y)), x1, dict(y=y), t=t, noise=noise
@@ -266,7 +265,7 @@ def test_loss_uses_the_identity_where_r_differs_from_t():
     t = torch.tensor([0.1, 0.35, 0.6, 0.9], dtype=torch.float64)
     r = torch.tensor([0.1, 0.8, 0.6, 1.0], dtype=torch.float64)
     drop = torch.tensor([False, True, False, False])
-    model = tiny_meanflow_sit().train()
+    model = tiny_sit(dtype=torch.float64, **MEANFLOW_SIT).train()
     terms = meanflow_losses(model, x1, y, MeanFlowSettings(), noise=noise, t=t, r=r, drop=drop)
     z = expand(t, x1) * x1 + (1 - expand(t, x1)) * noise
     v = x1 - noise
@@ -290,7 +289,7 @@ def test_guidance_folded_into_the_target(omega, kappa):
     x1, noise, y = _fixed_batch()
     t = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
     drop = torch.tensor([False, False, True, False])
-    model = tiny_meanflow_sit().train()
+    model = tiny_sit(dtype=torch.float64, **MEANFLOW_SIT).train()
     settings = MeanFlowSettings(omega=omega, kappa=kappa)
     terms = meanflow_losses(model, x1, y, settings, noise=noise, t=t, r=t, drop=drop)
     z = expand(t, x1) * x1 + (1 - expand(t, x1)) * noise
@@ -310,7 +309,7 @@ def test_dispersive_term_sees_the_primal_pass_once():
     t = torch.tensor([0.1, 0.35, 0.6, 0.2], dtype=torch.float64)
     r = torch.tensor([0.5, 0.8, 0.9, 1.0], dtype=torch.float64)  # every row takes the JVP
     drop = torch.tensor([False, True, False, False])
-    model = tiny_meanflow_sit().train()
+    model = tiny_sit(dtype=torch.float64, **MEANFLOW_SIT).train()
     reg = DispersiveRegularizer(model, layers=["blocks.0", "blocks.1"], weight=0.5, tau=1.0)
     meanflow_losses(model, x1, y, MeanFlowSettings(omega=1.5), noise=noise, t=t, r=r, drop=drop)
     assert [name for name, _ in reg._captured] == ["blocks.0", "blocks.1"]
@@ -337,16 +336,16 @@ def test_meanflow_sit_adds_only_the_r_embedder(reference, reference_config):
     assert flow.config()["meanflow"] is False and mf.config()["meanflow"] is True
 
 
-def test_time_inputs_are_checked(tiny_sit_factory):
+def test_time_inputs_are_checked():
     x, t, y = torch.randn(2, 3, 8, 8).double(), torch.rand(2).double(), torch.tensor([0, 1])
     with pytest.raises(ValueError, match="a MeanFlow SiT needs r of shape"):
-        tiny_meanflow_sit()(x, t, y)
+        tiny_sit(dtype=torch.float64, **MEANFLOW_SIT)(x, t, y)
     with pytest.raises(ValueError, match="r is for MeanFlow models"):
-        tiny_sit_factory()(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]), r=torch.rand(2))
+        tiny_sit()(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]), r=torch.rand(2))
 
 
 def test_r_conditions_the_output():
-    model = tiny_meanflow_sit().eval()
+    model = tiny_sit(dtype=torch.float64, **MEANFLOW_SIT).eval()
     x, t, y = torch.randn(2, 3, 8, 8).double(), torch.full((2,), 0.3).double(), torch.tensor([0, 1])
     with torch.no_grad():
         assert not torch.allclose(model(x, t, y, r=t), model(x, t, y, r=t + 0.5))
@@ -355,7 +354,7 @@ def test_r_conditions_the_output():
 def test_checkpoint_shapes_tell_a_meanflow_model(tmp_path):
     from disploss import checkpoint as ckpt
 
-    mf = tiny_meanflow_sit(dtype=torch.float32).eval()
+    mf = tiny_sit(**MEANFLOW_SIT).eval()
     path = ckpt.save_checkpoint(tmp_path / "c.pt", {"ema": mf.state_dict(), "model_config": mf.config()})
     weights, config = ckpt.load_sit_weights(path)
     assert config["meanflow"] is True and ckpt.infer_sit_config(weights, num_heads=2)["meanflow"] is True
@@ -364,7 +363,7 @@ def test_checkpoint_shapes_tell_a_meanflow_model(tmp_path):
     x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 4])
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, y, r=t + 0.1), mf(x, t, y, r=t + 0.1))
-    flow_sd = random_sit(0).state_dict()
+    flow_sd = tiny_sit(0, preset=MODEL).state_dict()
     assert ckpt.infer_sit_config(flow_sd, num_heads=4)["meanflow"] is False
     exported = ckpt.export_safetensors(path, tmp_path / "c.safetensors")  # the config travels in the metadata
     assert exported["meanflow"] is True
@@ -392,7 +391,7 @@ def mf_ckpts(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mf")
     ema = random_meanflow_sit(0)
     mf = save_training_checkpoint(folder / "0000100.pt", ema, objective="meanflow")
-    flow = save_training_checkpoint(folder / "flow" / "0000100.pt", random_sit(0))
+    flow = save_training_checkpoint(folder / "flow" / "0000100.pt", tiny_sit(0, preset=MODEL))
     return {"meanflow": mf, "flow": flow, "ema": ema}
 
 

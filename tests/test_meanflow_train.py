@@ -10,7 +10,18 @@ import pytest
 import torch
 
 from disploss.meanflow import MeanFlowSettings
-from trainkit import SHIM, error_line, load, max_abs_diff, only_run, tiny_flags, torchrun, train_cli
+from trainkit import (
+    MEANFLOW_SIT,
+    SHIM,
+    error_line,
+    load,
+    max_abs_diff,
+    only_run,
+    tiny_flags,
+    tiny_sit,
+    torchrun,
+    train_cli,
+)
 
 MF = dict(objective="meanflow", meanflow_ratio=0.5)  # half the batch takes the JVP (8 px images, batch 8)
 
@@ -96,9 +107,7 @@ def _step_parts(model, precision="fp32", compile_backend=None):
 
 
 def _mf_model():
-    from test_meanflow import tiny_meanflow_sit
-
-    return tiny_meanflow_sit(dtype=torch.float32).train()
+    return tiny_sit(**MEANFLOW_SIT).train()
 
 
 def _one_step(parts, seed=0):

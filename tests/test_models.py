@@ -11,10 +11,9 @@ import torch
 
 from disploss.dispersive import dispersive_loss
 from disploss.models import SiT, SiT_models, create_model, forward_flops, parse_model_name
+from trainkit import tiny_sit
 
 DATA = Path(__file__).parent / "data"
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # -- equivalence with the reference fixtures --------------------------------------------------------------
@@ -175,8 +174,8 @@ def test_output_is_exactly_zero_at_init(learn_sigma):
 
 
 @pytest.mark.parametrize("patch", [2, 4])
-def test_return_act_shapes(tiny_sit_factory, patch):
-    model = tiny_sit_factory(patch_size=patch, depth=3)
+def test_return_act_shapes(patch):
+    model = tiny_sit(patch_size=patch, depth=3)
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         out, acts = model(x, torch.rand(2), torch.tensor([0, 1]), return_act=True)
@@ -185,8 +184,8 @@ def test_return_act_shapes(tiny_sit_factory, patch):
     assert all(a.shape == (2, (8 // patch) ** 2, 32) for a in acts)
 
 
-def test_label_dropout_only_in_train_mode(tiny_sit_factory):
-    model = tiny_sit_factory(class_dropout_prob=1.0)  # every label is dropped in training mode
+def test_label_dropout_only_in_train_mode():
+    model = tiny_sit(class_dropout_prob=1.0)  # every label is dropped in training mode
     x, t = torch.randn(4, 4, 8, 8), torch.rand(4)
     y, null = torch.tensor([0, 1, 2, 3]), torch.full((4,), 5)
     with torch.no_grad():
@@ -208,11 +207,11 @@ def test_label_dropout_rate():
     assert forced.tolist() == [10, 1, 10, 3]
 
 
-def test_grad_checkpointing_gives_the_same_gradients(tiny_sit_factory):
+def test_grad_checkpointing_gives_the_same_gradients():
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
     grads, block_calls = [], []
     for ckpt in (False, True):
-        model = tiny_sit_factory(class_dropout_prob=0.0).train()
+        model = tiny_sit(class_dropout_prob=0.0).train()
         model.grad_checkpointing = ckpt
         calls = []
         block_forward = model.blocks[0].forward
@@ -237,21 +236,21 @@ def test_unknown_model_name_lists_the_choices():
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 4, 16, 16), (2, 4, 8), (2, 4, 8, 6)])
-def test_wrong_input_size_is_a_clear_error(tiny_sit_factory, shape):
-    model = tiny_sit_factory()
+def test_wrong_input_size_is_a_clear_error(shape):
+    model = tiny_sit()
     with pytest.raises(ValueError, match=r"\(B, 4, 8, 8\)"):
         model(torch.randn(shape), torch.rand(2), torch.tensor([0, 1]))
 
 
 @pytest.mark.parametrize("labels", [[0, 6], [-1, 0]])
-def test_labels_out_of_range_are_a_clear_error(tiny_sit_factory, labels):
-    model = tiny_sit_factory()  # 5 classes + the null class 5
+def test_labels_out_of_range_are_a_clear_error(labels):
+    model = tiny_sit()  # 5 classes + the null class 5
     with pytest.raises(ValueError, match=r"class labels must lie in \[0, 4\]"):
         model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor(labels))
 
 
-def test_t_and_y_batch_mismatch_is_a_clear_error(tiny_sit_factory):
-    model = tiny_sit_factory()
+def test_t_and_y_batch_mismatch_is_a_clear_error():
+    model = tiny_sit()
     with pytest.raises(ValueError, match="t and y must have shape"):
         model(torch.randn(2, 4, 8, 8), torch.rand(3), torch.tensor([0, 1]))
 

@@ -11,11 +11,11 @@ import torch
 
 from disploss.transport import BATCH_COUPLED_METHODS, ODE_METHODS, PER_IMAGE_METHODS, Sampler, create_transport
 from disploss.transport.integrators import ode_adaptive_per_image, ode_torchdiffeq
+from trainkit import tiny_sit
 
-pytestmark = [
-    pytest.mark.usefixtures("single_thread"),
-    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),  # torch.func.jvp, inside torch
-]
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:FutureWarning"
+)  # torch.func.jvp, inside torch
 
 
 def _target(gaussian):
@@ -118,12 +118,12 @@ def test_tied_halves_keep_the_guidance_rows_together(gaussian):
     torch.testing.assert_close(out[:4], alone, rtol=0, atol=1e-13)
 
 
-def test_sampler_per_image_with_labels_and_reference_cfg_convention(tiny_sit_factory):
+def test_sampler_per_image_with_labels_and_reference_cfg_convention():
     # Through the Sampler with a real model: the labels follow the images still integrating, with the reference's
     # doubled batch and forward_with_cfg (tied automatically: model_kwargs has cfg_scale; its rows i and i + B/2
     # differ beyond the 3 guided channels, and stay paired), and the results do not depend on batch-mates up to
     # float kernels (the model's matmuls on other batch sizes).
-    model = tiny_sit_factory(5).requires_grad_(False)
+    model = tiny_sit(5).requires_grad_(False)
     z = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     y = torch.tensor([0, 1, 2, 3])
     null = torch.full_like(y, model.num_classes)

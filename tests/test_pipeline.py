@@ -11,8 +11,7 @@ import torch
 from disploss.errors import ConfigError
 from disploss.imageio import save_grid
 from disploss.models import SiT, create_model
-from test_sample import MODEL, call, random_sit, read_png, save_training_checkpoint
-from trainkit import save_tiny_vae
+from trainkit import MODEL, call, read_png, save_tiny_vae, save_training_checkpoint, tiny_sit
 
 pytest.importorskip("diffusers")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
@@ -54,7 +53,9 @@ def test_the_flow_scheduler_gives_sample_pys_images(capsys, tmp_path, cfg):
     # 4 Euler steps: t = 0, 1/4, 1/2, 3/4 (sigma = 1, 3/4, 1/2, 1/4) are exact in float32, so are the steps.
     from disploss.checkpoint import export_folder
 
-    ckpt = save_training_checkpoint(tmp_path / "0000010.pt", random_sit(0))  # pixel space, stored in its args
+    ckpt = save_training_checkpoint(
+        tmp_path / "0000010.pt", tiny_sit(0, preset=MODEL)
+    )  # pixel space, stored in its args
     folder = export_folder(ckpt, tmp_path / "sit")[0]
     expected = sample_py(capsys, tmp_path, folder, "ODE", "--sampling-method", "euler", "--num-sampling-steps", "5",
                          "--cfg-scale", str(cfg))  # fmt: skip
@@ -78,7 +79,7 @@ def test_the_scheduler_samples_meanflow_as_sample_py(capsys, tmp_path, steps, cf
 def test_our_samplers_through_the_pipeline(capsys, tmp_path):
     from disploss.sampling.config import ODEConfig
 
-    folder = random_sit(1).save_pretrained(tmp_path / "sit")
+    folder = tiny_sit(1, preset=MODEL).save_pretrained(tmp_path / "sit")
     expected = sample_py(capsys, tmp_path, folder, "ODE", "--sampling-method", "heun2", "--num-sampling-steps", "6",
                          "--vae", "none", "--cfg-scale", "1.5")  # fmt: skip
     pipe = SiTPipeline(SiT.from_pretrained(folder), FlowMatchEulerDiscreteScheduler())
@@ -93,7 +94,7 @@ def test_save_and_load_with_a_vae_gives_sample_pys_images(capsys, tmp_path):
     from diffusers import AutoencoderKL
 
     vae_dir = save_tiny_vae(tmp_path / "vae")  # downsampling factor 2: 16 px images, 8 x 8 x 4 latents
-    folder = random_sit(2, in_channels=4).save_pretrained(tmp_path / "sit")
+    folder = tiny_sit(2, preset=MODEL, in_channels=4).save_pretrained(tmp_path / "sit")
     expected = sample_py(capsys, tmp_path, folder, "ODE", "--sampling-method", "euler", "--num-sampling-steps", "5",
                          "--vae", str(vae_dir), "--image-size", "16", "--cfg-scale", "1.0")  # fmt: skip
     pipe = SiTPipeline(

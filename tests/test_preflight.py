@@ -1,12 +1,14 @@
-"""Cheap things first, reported once (issue 13, item 7): flags, the data folder and its size, wandb's variables
-and the output folder are checked before the VAE is fetched and before a run folder exists; an offline hub
-fails at once (one request, no retries) and names the ways around it; under torchrun the error is printed once."""
+"""Cheap things first, reported once: every flag (sampling-grid settings, EMA decay, finite scales and rates, the
+device, the processes per GPU), the data folder and its size, wandb's variables and the output folder are checked
+before the VAE is fetched and before a run folder exists; an offline hub fails at once (one request, no retries)
+and names the ways around it; under torchrun the error is printed once."""
 
 from __future__ import annotations
 
 import diffusers
 import huggingface_hub
 import pytest
+import torch
 from huggingface_hub import constants
 
 import disploss.data.vae as vae_module
@@ -136,3 +138,44 @@ def test_offline_vae_under_torchrun_is_one_line_first(images, tmp_path):
     assert "--vae none" in errors[0] and "local folder" in errors[0] and "--latents DIR" in errors[0]
     assert "Retrying" not in proc.stderr and "accelerate" not in proc.stderr and "Warning" not in proc.stdout
     assert not (tmp_path / "results").exists() or not run_dirs(tmp_path / "results")
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"sample_steps": 1, "sample_every": 10_000}, "--sample-steps must be at least 2, got 1"),
+        ({"ema_decay": 2}, "--ema-decay must lie in [0.0, 1.0), got 2.0"),
+        ({"ema_decay": 1}, "--ema-decay must lie in [0.0, 1.0), got 1.0"),
+        ({"cfg_scale": "nan"}, "--cfg-scale must be >= 1.0 and finite"),
+        ({"cfg_scale": "inf"}, "--cfg-scale must be >= 1.0 and finite"),
+        ({"lr": "inf"}, "--lr must be a finite number, got inf"),
+        ({"beta2": 1.5}, "--beta2 must lie in [0.0, 1.0), got 1.5"),
+        ({"disp": True, "disp_weight": "inf"}, "--disp-weight must be a finite number"),
+        ({"grad_clip": "inf"}, "--grad-clip must be a finite number"),
+        ({"train_eps": 0.7}, "--train-eps must lie in [0.0, 0.5)"),
+        ({"ckpt_every_minutes": 0}, "--ckpt-every-minutes must be positive, got 0.0"),
+        ({"keep_last": 0}, "--keep-last must be at least 1, got 0"),
+        ({"keep_every": 3, "ckpt_every": 2}, "--keep-every 3 must be a multiple of --ckpt-every 2"),
+    ],
+)
+def test_bad_flags_stop_before_anything_runs(images, tmp_path, capsys, overrides, expected):
+    assert train_cli(tiny_flags(images, tmp_path / "results", steps=1, **overrides)) == 2
+    assert expected in error_line(capsys)
+    assert not (tmp_path / "results").exists() or run_dirs(tmp_path / "results") == []  # no folder, no step
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_a_device_that_is_not_there(images, tmp_path, capsys):
+    assert train_cli(tiny_flags(images, tmp_path, steps=1, device="cuda")) == 2
+    assert "--device cuda: no CUDA device is available" in error_line(capsys)
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    from disploss import distributed
+    from disploss.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match="LOCAL_RANK 1 but only 1 CUDA device"):
+        distributed.init("cuda")

@@ -16,6 +16,7 @@ from torch import nn
 from disploss.dispersive import dispersion_stats, dispersive_loss
 from disploss.errors import ConfigError
 from disploss.regularizer import DispersiveRegularizer, resolve_layers
+from trainkit import tiny_sit
 
 
 def independent_infonce_l2(z: torch.Tensor, tau: float) -> torch.Tensor:
@@ -97,8 +98,8 @@ def test_plain_module_every_variant(variant):
     torch.testing.assert_close(reg.last_values["1"], per_layer[0].detach(), rtol=1e-12, atol=1e-12)
 
 
-def test_sit_multi_block_equals_the_sum_of_single_block_terms(tiny_sit_factory):
-    model = tiny_sit_factory(depth=4, class_dropout_prob=0.0).train()
+def test_sit_multi_block_equals_the_sum_of_single_block_terms():
+    model = tiny_sit(depth=4, class_dropout_prob=0.0).train()
     x, t, y = torch.randn(6, 4, 8, 8), torch.rand(6), torch.randint(0, 5, (6,))
     multi = DispersiveRegularizer(model, layers=["blocks.0", "blocks.2", "blocks.3"], weight=0.6)
     singles = [DispersiveRegularizer(model, layers=f"blocks.{i}", weight=0.6 / 3) for i in (0, 2, 3)]
@@ -114,8 +115,8 @@ def test_sit_multi_block_equals_the_sum_of_single_block_terms(tiny_sit_factory):
 
 
 # -- capture rules ------------------------------------------------------------------------------------------------
-def test_patterns_match_one_component_and_all(tiny_sit_factory):
-    model = tiny_sit_factory(depth=3)
+def test_patterns_match_one_component_and_all():
+    model = tiny_sit(depth=3)
     assert resolve_layers(model, "blocks.*") == ["blocks.0", "blocks.1", "blocks.2"]
     assert resolve_layers(model, "all") == ["blocks.0", "blocks.1", "blocks.2"]
     assert resolve_layers(model, "blocks.*.attn") == ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]
@@ -126,8 +127,8 @@ def test_patterns_match_one_component_and_all(tiny_sit_factory):
     assert resolve_layers(wrapped, "blocks.1") == ["blocks.1"]
 
 
-def test_nothing_captured_in_eval_or_without_grad(tiny_sit_factory):
-    model = tiny_sit_factory()
+def test_nothing_captured_in_eval_or_without_grad():
+    model = tiny_sit()
     reg = DispersiveRegularizer(model, layers="all")
     x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 1, 2])
     model.eval()
@@ -145,8 +146,8 @@ def test_nothing_captured_in_eval_or_without_grad(tiny_sit_factory):
     assert reg._captured == []
 
 
-def test_remove_detaches_every_hook(tiny_sit_factory):
-    model = tiny_sit_factory(depth=3).train()
+def test_remove_detaches_every_hook():
+    model = tiny_sit(depth=3).train()
     before = sum(len(m._forward_hooks) for m in model.modules())
     reg = DispersiveRegularizer(model, layers="all")
     assert sum(len(m._forward_hooks) for m in model.modules()) == before + 3 + 1  # + the model's own: a forward's end
@@ -162,13 +163,13 @@ def test_remove_detaches_every_hook(tiny_sit_factory):
 
 
 @pytest.mark.parametrize("layers", ["all", "blocks.*.attn"])
-def test_no_double_capture_under_activation_checkpointing(tiny_sit_factory, layers):
+def test_no_double_capture_under_activation_checkpointing(layers):
     """SiT checkpoints whole blocks: the recomputation in backward runs a block's attention again (its hook would
     fire a second time); a block's own hook is not reached there (torch stops recomputing early)."""
     x, t, y = torch.randn(4, 4, 8, 8), torch.rand(4), torch.randint(0, 5, (4,))
     runs = []
     for ckpt in (False, True):
-        model = tiny_sit_factory(2, class_dropout_prob=0.0).train()
+        model = tiny_sit(2, class_dropout_prob=0.0).train()
         model.grad_checkpointing = ckpt
         reg = DispersiveRegularizer(model, layers=layers, weight=0.5)
         values = []
@@ -231,8 +232,8 @@ def test_a_layer_inside_a_reentrant_checkpoint_is_named_in_a_warning():
             assert sorted(reg.last_values) == ["blocks.0", "blocks.1", "blocks.2"] and messages == []
 
 
-def test_bf16_autocast_computes_in_float32(tiny_sit_factory):
-    model = tiny_sit_factory(4, class_dropout_prob=0.0).train()
+def test_bf16_autocast_computes_in_float32():
+    model = tiny_sit(4, class_dropout_prob=0.0).train()
     reg = DispersiveRegularizer(model, layers="all")
     x, t, y = torch.randn(4, 4, 8, 8), torch.rand(4), torch.randint(0, 5, (4,))
     model(x, t, y)
@@ -245,12 +246,12 @@ def test_bf16_autocast_computes_in_float32(tiny_sit_factory):
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_torch_compile_keeps_the_values_and_gradients(tiny_sit_factory, backend):
+def test_torch_compile_keeps_the_values_and_gradients(backend):
     torch._dynamo.reset()
     x, t, y = torch.randn(4, 4, 8, 8), torch.rand(4), torch.randint(0, 5, (4,))
     results = []
     for compiled in (False, True):
-        model = tiny_sit_factory(5, class_dropout_prob=0.0).train()
+        model = tiny_sit(5, class_dropout_prob=0.0).train()
         reg = DispersiveRegularizer(model, layers=["blocks.0", "blocks.1"], weight=0.4)  # hooks before compile
         net = torch.compile(model, backend=backend) if compiled else model
         loss = net(x, t, y).square().mean() + reg.loss()
@@ -263,9 +264,9 @@ def test_torch_compile_keeps_the_values_and_gradients(tiny_sit_factory, backend)
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
-def test_hooks_added_after_the_compiled_model_ran_are_an_error_not_silence(tiny_sit_factory):
+def test_hooks_added_after_the_compiled_model_ran_are_an_error_not_silence():
     torch._dynamo.reset()
-    model = tiny_sit_factory(4).train()
+    model = tiny_sit(4).train()
     net = torch.compile(model, backend="eager")
     x, t, y = torch.randn(4, 4, 8, 8), torch.rand(4), torch.randint(0, 5, (4,))
     net(x, t, y)
@@ -276,7 +277,7 @@ def test_hooks_added_after_the_compiled_model_ran_are_an_error_not_silence(tiny_
     reg.remove()
 
 
-def test_compile_traces_captures_inside_checkpointed_blocks(tiny_sit_factory, monkeypatch):
+def test_compile_traces_captures_inside_checkpointed_blocks(monkeypatch):
     """Under activation checkpointing a capture is a side effect inside the checkpoint: dynamo breaks the graph there
     (fullgraph=True refuses) unless told not to replay it in backward. SiT training's build_regularizer sets that
     with --compile --grad-checkpointing; the compiled step then equals the eager one."""
@@ -290,7 +291,7 @@ def test_compile_traces_captures_inside_checkpointed_blocks(tiny_sit_factory, mo
     x, t, y = torch.randn(4, 4, 8, 8), torch.rand(4), torch.randint(0, 5, (4,))
     cfg = TrainConfig(model="SiT-T/2", disp=True, disp_block="all", disp_weight=0.4, compile=True,
                       grad_checkpointing=True)  # fmt: skip
-    model = tiny_sit_factory(3, class_dropout_prob=0.0).train()
+    model = tiny_sit(3, class_dropout_prob=0.0).train()
     model.grad_checkpointing = True
     with DispersiveRegularizer(model, layers="all"):
         torch._dynamo.reset()
@@ -299,7 +300,7 @@ def test_compile_traces_captures_inside_checkpointed_blocks(tiny_sit_factory, mo
 
     results = []
     for compiled in (False, True):
-        model = tiny_sit_factory(3, class_dropout_prob=0.0).train()
+        model = tiny_sit(3, class_dropout_prob=0.0).train()
         model.grad_checkpointing = True
         reg = build_regularizer(model, cfg)
         assert config.skip_fwd_side_effects_in_bwd_under_checkpoint
@@ -317,8 +318,8 @@ def test_compile_traces_captures_inside_checkpointed_blocks(tiny_sit_factory, mo
 
 
 # -- bad input ------------------------------------------------------------------------------------------------------
-def test_bad_arguments_are_one_line_errors_and_leave_no_hook(tiny_sit_factory):
-    model = tiny_sit_factory(depth=2)
+def test_bad_arguments_are_one_line_errors_and_leave_no_hook():
+    model = tiny_sit(depth=2)
     n_hooks = lambda: sum(len(m._forward_hooks) for m in model.modules())  # noqa: E731
     cases = [
         (dict(layers=["blocks.0", "blokcs.1"]), "'blokcs.1' matches no module of SiT; nearest names: blocks.1"),
@@ -335,8 +336,8 @@ def test_bad_arguments_are_one_line_errors_and_leave_no_hook(tiny_sit_factory):
         assert n_hooks() == 0
 
 
-def test_a_batch_of_one_is_an_error(tiny_sit_factory):
-    model = tiny_sit_factory().train()
+def test_a_batch_of_one_is_an_error():
+    model = tiny_sit().train()
     reg = DispersiveRegularizer(model, layers="blocks.0")
     model(torch.randn(1, 4, 8, 8), torch.rand(1), torch.tensor([0]))
     with pytest.raises(ConfigError, match="a batch of 1 makes the dispersive loss constant"):
@@ -422,8 +423,8 @@ def test_dispersion_stats_against_numpy():
         assert stats[k].item() == pytest.approx(v, rel=1e-5, abs=1e-6), k
 
 
-def test_diagnostics_on_request(tiny_sit_factory):
-    model = tiny_sit_factory(6, class_dropout_prob=0.0).train()
+def test_diagnostics_on_request():
+    model = tiny_sit(6, class_dropout_prob=0.0).train()
     reg = DispersiveRegularizer(model, layers="all", tau=0.5)
     x, t, y = torch.randn(5, 4, 8, 8), torch.rand(5), torch.randint(0, 5, (5,))
     model(x, t, y)

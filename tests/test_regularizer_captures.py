@@ -12,6 +12,7 @@ from torch import nn
 
 from disploss import DispersiveRegularizer, dispersive_loss
 from disploss.errors import ConfigError
+from trainkit import tiny_sit
 
 
 def batch(seed: int = 0, b: int = 4):
@@ -31,8 +32,8 @@ class Fails(nn.Module):
         raise RuntimeError("out of memory (simulated)")
 
 
-def test_an_exception_mid_forward_drops_that_forward_s_captures(tiny_sit_factory):
-    model = tiny_sit_factory(depth=3, class_dropout_prob=0.0).train()
+def test_an_exception_mid_forward_drops_that_forward_s_captures():
+    model = tiny_sit(depth=3, class_dropout_prob=0.0).train()
     reg = DispersiveRegularizer(model, layers="all", weight=1.0)
     x, t, y = batch()
     real_block = model.blocks[2]
@@ -55,8 +56,8 @@ def test_an_exception_mid_forward_drops_that_forward_s_captures(tiny_sit_factory
     torch.testing.assert_close(reg.loss().detach(), expected, rtol=1e-6, atol=1e-7)  # exactly one forward's term
 
 
-def test_forwards_without_loss_keep_one_forward_of_captures(tiny_sit_factory):
-    model = tiny_sit_factory(depth=2, class_dropout_prob=0.0).train()
+def test_forwards_without_loss_keep_one_forward_of_captures():
+    model = tiny_sit(depth=2, class_dropout_prob=0.0).train()
     reg = DispersiveRegularizer(model, layers="all", weight=0.5)
     for seed in range(100):  # an eval loop that forgot model.eval(): no loss() for 100 forwards
         model(*batch(seed))
@@ -67,8 +68,8 @@ def test_forwards_without_loss_keep_one_forward_of_captures(tiny_sit_factory):
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
-def test_forwards_without_gradient_leave_the_captures_of_the_pass_with_gradient(tiny_sit_factory, where):
-    model = tiny_sit_factory(depth=2, class_dropout_prob=0.0).train()
+def test_forwards_without_gradient_leave_the_captures_of_the_pass_with_gradient(where):
+    model = tiny_sit(depth=2, class_dropout_prob=0.0).train()
     reg = DispersiveRegularizer(model, layers="all", weight=1.0)
     x, t, y = batch(1)
     other = batch(2)
@@ -186,14 +187,14 @@ def test_an_in_place_change_after_the_hook_is_refused_naming_the_layer():
 
 
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
-def test_compile_still_traces_one_graph_with_the_forward_hooks(tiny_sit_factory, grad_checkpointing):
+def test_compile_still_traces_one_graph_with_the_forward_hooks(grad_checkpointing):
     """The root's pre- and post-hooks are traced with the layers' hooks: one graph, no break (explain), and the
     compiled forward keeps one forward of captures."""
     from disploss.regularizer import compile_checkpointed_captures
 
     if grad_checkpointing and not compile_checkpointed_captures():
         pytest.skip("this torch has no skip_fwd_side_effects_in_bwd_under_checkpoint")
-    model = tiny_sit_factory(depth=2, class_dropout_prob=0.0).train()
+    model = tiny_sit(depth=2, class_dropout_prob=0.0).train()
     model.grad_checkpointing = grad_checkpointing
     reg = DispersiveRegularizer(model, layers="all", weight=0.4)
     x, t, y = batch(4)

@@ -11,48 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from disploss.checkpoint import save_checkpoint
 from disploss.commands import main as cli
-from disploss.models import create_model
-from trainkit import save_tiny_vae
+from trainkit import MODEL, call, read_png, save_tiny_vae, save_training_checkpoint, tiny_sit
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = "SiT-T/2"  # the smallest preset (depth 6, width 128)
 FAST = ["--num-sampling-steps", "4"]
 ODE_FAST = ["ODE", "--sampling-method", "euler", *FAST]
 SDE_FAST = ["SDE", *FAST]
-
-
-def random_sit(seed: int, in_channels: int = 3, input_size: int = 8, num_classes: int = 5):
-    """A tiny preset SiT whose zero-initialised output layers are re-drawn (non-zero output)."""
-    torch.manual_seed(seed)
-    model = create_model(MODEL, input_size=input_size, in_channels=in_channels, num_classes=num_classes)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
-def save_training_checkpoint(path, ema, model=None, **args) -> Path:
-    """A checkpoint as `disploss train` writes it: model, ema, opt, args (plain dict with model_config)."""
-    stored = {
-        "model": MODEL,
-        "image_size": 8,
-        "num_classes": ema.num_classes,
-        "vae": "none",
-        "path_type": "Linear",
-        "prediction": "velocity",
-        "loss_weight": None,
-        "sample_eps": None,
-        "train_eps": None,
-        "model_config": ema.config(),
-        **args,
-    }
-    model = model if model is not None else ema
-    return save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": {}, "args": stored})
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +26,7 @@ def ckpts(tmp_path_factory):
     """Pixel-space (3 channels, 8 px, 5 classes) checkpoints: ours (model != ema) and a released-style bare EMA
     state dict."""
     folder = tmp_path_factory.mktemp("ckpts")
-    ema, other = random_sit(0), random_sit(1)
+    ema, other = tiny_sit(0, preset=MODEL), tiny_sit(1, preset=MODEL)
     train = save_training_checkpoint(folder / "0000100.pt", ema, model=other)
     bare = folder / "released.pt"
     torch.save(ema.state_dict(), bare)
@@ -72,21 +38,6 @@ def tiny_vae_dir(tmp_path_factory):
     """A random AutoencoderKL (downsampling factor 2, 4 latent channels) saved with save_pretrained."""
     pytest.importorskip("diffusers")
     return save_tiny_vae(tmp_path_factory.mktemp("tiny_vae"))
-
-
-def call(capsys, argv: list[str]) -> tuple[int, str, str]:
-    """Run `disploss ...` in this process: (exit code, stdout, stderr)."""
-    try:
-        rc = cli.main(argv)
-    except SystemExit as exit_:
-        rc = exit_.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def read_png(path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img)
 
 
 def grid_shape(rows: int, cols: int, side: int) -> tuple[int, int, int]:
@@ -125,7 +76,7 @@ def test_ode_and_sde_differ_and_seed_matters(capsys, tmp_path, ckpts):
 
 def test_tiny_autoencoder_kl_latents(capsys, tmp_path, tiny_vae_dir):
     # A latent model (4 channels, 8x8 latents) decoded by a factor-2 VAE: 16 px images.
-    ema = random_sit(2, in_channels=4, input_size=8, num_classes=5)
+    ema = tiny_sit(2, preset=MODEL, in_channels=4, input_size=8, num_classes=5)
     ckpt = save_training_checkpoint(tmp_path / "0000200.pt", ema, image_size=16, vae=str(tiny_vae_dir))
     out = tmp_path / "vae.png"
     rc, stdout, err = call(capsys, ["sample", *SDE_FAST, "--ckpt", str(ckpt), "--out", str(out), "--cfg-scale", "1.5"])

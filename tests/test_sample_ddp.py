@@ -15,8 +15,7 @@ from disploss.evaluation.npz import load_samples_npz
 from disploss.sampling import ddp as sample_ddp
 from disploss.sampling import folder as sample_folder
 from disploss.statedict import fingerprint
-from test_sample import call, random_sit, save_training_checkpoint
-from trainkit import run_python, torchrun
+from trainkit import MODEL, call, run_python, save_training_checkpoint, tiny_sit, torchrun
 
 N = 6
 BASE = ["--num-sampling-steps", "4", "--num-fid-samples", str(N), "--device", "cpu"]
@@ -27,7 +26,7 @@ ODE = ["ODE", "--sampling-method", "euler", *BASE]
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """One of our training checkpoints: pixel space, 8 px, 5 classes."""
-    return save_training_checkpoint(tmp_path_factory.mktemp("ckpt") / "0000100.pt", random_sit(0))
+    return save_training_checkpoint(tmp_path_factory.mktemp("ckpt") / "0000100.pt", tiny_sit(0, preset=MODEL))
 
 
 def run_ddp(capsys, ckpt, sample_dir, argv, *extra) -> tuple[int, str, str]:

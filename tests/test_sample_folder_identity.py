@@ -15,7 +15,7 @@ from disploss.checkpoint import export_safetensors
 from disploss.evaluation.npz import load_samples_npz
 from disploss.sampling import folder as sample_folder
 from disploss.statedict import fingerprint
-from test_sample import call, random_sit, save_training_checkpoint
+from trainkit import MODEL, call, save_training_checkpoint, tiny_sit
 
 ARGV = ["sample-ddp", "ODE", "--sampling-method", "euler", "--num-sampling-steps", "4", "--device", "cpu"]
 
@@ -36,7 +36,7 @@ def runs(tmp_path_factory):
     out = {}
     for name, seed in (("a", 0), ("b", 5)):
         (root / name).mkdir()
-        ema, model = random_sit(seed), random_sit(seed + 1)
+        ema, model = tiny_sit(seed, preset=MODEL), tiny_sit(seed + 1, preset=MODEL)
         out[name] = save_training_checkpoint(root / name / "0000100.pt", ema, model=model)
         out[f"{name}_ema"], out[f"{name}_model"] = ema, model
     return out

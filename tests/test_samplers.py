@@ -18,11 +18,11 @@ from disploss.transport import (
     create_transport,
 )
 from disploss.transport.integrators import ode_fixed
+from trainkit import tiny_sit
 
-pytestmark = [
-    pytest.mark.usefixtures("single_thread"),
-    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),  # torch.func.jvp, inside torch
-]
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:FutureWarning"
+)  # torch.func.jvp, inside torch
 
 
 def _ode_case(reference, model, entry):
@@ -289,8 +289,8 @@ def test_likelihood_of_a_gaussian(gaussian, method, num_steps, tol, path_type):
     torch.testing.assert_close(logp, target.log_density(x), rtol=0, atol=tol)
 
 
-def test_likelihood_of_a_tiny_sit_is_finite(tiny_sit_factory):
-    model = tiny_sit_factory()
+def test_likelihood_of_a_tiny_sit_is_finite():
+    model = tiny_sit()
     x = torch.randn(2, 4, 8, 8)
     torch.manual_seed(0)
     logp, z = Sampler(create_transport("Linear")).sample_ode_likelihood(sampling_method="heun2", num_steps=3)(
@@ -305,8 +305,8 @@ SDE_OPTIONS = [("sde", m, f, ls) for m in SDE_METHODS for f in DIFFUSION_FORMS f
 
 
 @pytest.fixture(scope="module")
-def smoke_model(tiny_sit_factory):
-    return tiny_sit_factory(seed=3, depth=1).requires_grad_(False)
+def smoke_model():
+    return tiny_sit(seed=3, depth=1).requires_grad_(False)
 
 
 @pytest.mark.parametrize("option", ODE_OPTIONS + SDE_OPTIONS, ids=lambda o: "-".join(map(str, o)))

@@ -1,7 +1,7 @@
 """`disploss train` / `train.py` end to end on CPU: the seed README's commands (--disp, --wandb, --ckpt PATH),
-what a run writes (metrics.jsonl, plain checkpoints, sample grids of the run's own classes), the dispersive
-flags reaching the loss, a tiny diffusers VAE through extract-latents, --latents and --vae, and wandb's
-environment variables left alone without --wandb."""
+what a run writes (metrics.jsonl, plain checkpoints, sample grids of the run's own classes, files as readable as
+the umask allows), the dispersive flags reaching the loss, a tiny diffusers VAE through extract-latents, --latents
+and --vae, and wandb's environment variables left alone without --wandb."""
 
 from __future__ import annotations
 
@@ -304,3 +304,16 @@ def test_every_run_plots_its_losses_and_diagnostics(images, tmp_path):
     assert train_cli(tiny_flags(images, tmp_path, steps=2, disp=True)) == 0
     curve = only_run(tmp_path) / "loss_curve.png"
     assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_files_are_readable_as_the_umask_allows(images, tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        assert train_cli(tiny_flags(images, tmp_path, steps=1, sample_every=1, sample_steps=2)) == 0
+    finally:
+        os.umask(old)
+    run = only_run(tmp_path)
+    files = [run / "config.json", run / "checkpoints" / "0000001.pt", run / "samples" / "0000001.png",
+             run / "metrics.jsonl", run / "log.txt"]  # fmt: skip
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(mode) for f in files}

@@ -12,11 +12,11 @@ from disploss.regularizer import DispersiveRegularizer
 from disploss.training.objective import Objective
 from disploss.transport import DIFFUSION_FORMS, LOSS_WEIGHTS, PATH_TYPES, PREDICTIONS, Transport, create_transport
 from disploss.transport.paths import make_path
+from trainkit import tiny_sit
 
-pytestmark = [
-    pytest.mark.usefixtures("single_thread"),
-    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),  # torch.func.jvp, inside torch
-]
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:FutureWarning"
+)  # torch.func.jvp, inside torch
 
 
 # -- the reference's interpolants -------------------------------------------------------------------------
@@ -209,9 +209,9 @@ def _fixed_inputs(B=4, seed=0):
     return x1, noise, t, y
 
 
-def test_training_loss_with_reference_settings(tiny_sit_factory):
+def test_training_loss_with_reference_settings():
     # infonce_l2, lambda 0.25, tau 1, last block: loss = flow + 0.25 * L_disp(last activation), per sample.
-    model = tiny_sit_factory(class_dropout_prob=0.0).train()
+    model = tiny_sit(class_dropout_prob=0.0).train()
     x1, noise, t, y = _fixed_inputs()
     tr = create_transport("Linear")
     reg = DispersiveRegularizer(model, layers="blocks.1", weight=0.25, tau=1.0)  # the last of 2 blocks
@@ -235,8 +235,8 @@ def test_training_loss_with_reference_settings(tiny_sit_factory):
 
 @pytest.mark.parametrize("block", [0, 1, -1])
 @pytest.mark.parametrize("variant", ["infonce_cosine", "hinge", "covariance"])
-def test_training_loss_disp_options(tiny_sit_factory, block, variant):
-    model = tiny_sit_factory(depth=2, class_dropout_prob=0.0).train()  # the hooks capture in training mode
+def test_training_loss_disp_options(block, variant):
+    model = tiny_sit(depth=2, class_dropout_prob=0.0).train()  # the hooks capture in training mode
     x1, noise, t, y = _fixed_inputs(seed=1)
     tr = create_transport("Linear")
     reg = DispersiveRegularizer(
@@ -251,8 +251,8 @@ def test_training_loss_disp_options(tiny_sit_factory, block, variant):
     torch.testing.assert_close(out["loss"], out["flow"] + 0.5 * disp, rtol=1e-6, atol=1e-6)
 
 
-def test_disp_block_out_of_range(tiny_sit_factory):
-    model = tiny_sit_factory(depth=2)
+def test_disp_block_out_of_range():
+    model = tiny_sit(depth=2)
     with pytest.raises(ValueError, match="'blocks.2' matches no module of SiT; nearest names: blocks.1, blocks.0"):
         DispersiveRegularizer(model, layers="blocks.2", weight=0.1)
 
@@ -288,8 +288,8 @@ def test_velocity_flow_term_is_the_mse():
 @pytest.mark.parametrize("path_type", PATH_TYPES)
 @pytest.mark.parametrize("prediction", ["score", "noise"])
 @pytest.mark.parametrize("loss_weight", LOSS_WEIGHTS)
-def test_score_and_noise_losses_are_finite(tiny_sit_factory, path_type, prediction, loss_weight):
-    model = tiny_sit_factory().train()
+def test_score_and_noise_losses_are_finite(path_type, prediction, loss_weight):
+    model = tiny_sit().train()
     x1, _, _, y = _fixed_inputs()
     tr = create_transport(path_type, prediction, loss_weight)
     torch.manual_seed(0)
@@ -361,9 +361,9 @@ def test_unknown_diffusion_form_lists_the_choices():
     assert all(f in str(info.value) for f in DIFFUSION_FORMS)
 
 
-def test_unknown_dispersive_variant_in_the_regularizer(tiny_sit_factory):
+def test_unknown_dispersive_variant_in_the_regularizer():
     with pytest.raises(ValueError, match="infonce_l2, infonce_cosine, hinge, covariance"):
-        DispersiveRegularizer(tiny_sit_factory(), layers="blocks.0", variant="l2")
+        DispersiveRegularizer(tiny_sit(), layers="blocks.0", variant="l2")
 
 
 def test_model_output_of_the_wrong_shape():

@@ -1,6 +1,6 @@
-"""Helpers of the training tests (test_train, test_resume, test_reliability, test_cli): a tiny ImageFolder,
-the flags of a tiny CPU run, running `disploss train` in process, in a subprocess or under torchrun, and
-comparing checkpoints."""
+"""The tests' shared helpers (test modules import from here, never from each other): the one tiny-SiT builder and
+the checkpoint `disploss train` writes, a tiny ImageFolder, VAE and latent cache, the flags of a tiny CPU run,
+running a `disploss` command in process, in a subprocess or under torchrun, and the one state-dict comparison."""
 
 from __future__ import annotations
 
@@ -15,6 +15,41 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "train.py"  # the reference's entry point: `torchrun ... train.py --model ... --data-path ... --disp`
+MODEL = "SiT-T/2"  # the smallest named model (depth 6, width 128): the one the commands' test checkpoints name
+
+TINY_SIT = dict(input_size=8, patch_size=4, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=5)
+PIXEL_SIT = dict(input_size=8, in_channels=3, num_classes=5)  # MODEL on 8 px RGB: the checkpoints of the commands
+MEANFLOW_SIT = dict(meanflow=True, patch_size=2, in_channels=3)  # with TINY_SIT's width and depth
+
+
+def tiny_sit(seed: int = 0, *, preset: str | None = None, dtype: torch.dtype = torch.float32, **config):
+    """The tests' SiT: TINY_SIT updated by `config` (or the named `preset`, e.g. MODEL, at PIXEL_SIT's sizes updated
+    by `config`), drawn from `seed`, with its zero-initialised layers (the adaLN modulations and the final linear)
+    re-drawn so its output is not zero. Eval mode."""
+    from disploss.models import SiT, create_model
+
+    torch.manual_seed(seed)
+    model = create_model(preset, **{**PIXEL_SIT, **config}) if preset else SiT(**{**TINY_SIT, **config})
+    with torch.no_grad():
+        final = model.final_layer
+        for module in [*(b.adaLN_modulation[-1] for b in model.blocks), final.adaLN_modulation[-1], final.linear]:
+            module.weight.normal_(0, 0.1)
+            module.bias.normal_(0, 0.1)
+    return model.to(dtype).eval()
+
+
+def save_training_checkpoint(path: Path, ema, model=None, **args) -> Path:
+    """A checkpoint as `disploss train` writes it for a pixel-space MODEL: model, ema, opt, args (a plain dict with
+    model_config); `args` overrides the stored settings."""
+    from disploss.checkpoint import save_checkpoint
+
+    stored = {
+        "model": MODEL, "image_size": 8, "num_classes": ema.num_classes, "vae": "none", "path_type": "Linear",
+        "prediction": "velocity", "loss_weight": None, "sample_eps": None, "train_eps": None,
+        "model_config": ema.config(), **args,
+    }  # fmt: skip
+    model = model if model is not None else ema
+    return save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": {}, "args": stored})
 
 
 def make_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 8, seed: int = 0) -> Path:
@@ -89,15 +124,23 @@ def only_run(results: Path) -> Path:
     return folder
 
 
+def checkpoint_names(run: Path) -> list[str]:
+    """The files in a run folder's checkpoints/, by name."""
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
 def load(path: Path) -> dict:
     """A checkpoint, loaded the strict way (no code can run)."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
-    """Largest |a - b| over the tensors of two state dicts with the same keys."""
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    """Largest |a - b| over the tensors of two state dicts with the same keys and shapes (NaN where either holds
+    one, so `== 0` means equal)."""
+    assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))
+    for k in a:
+        assert a[k].shape == b[k].shape, (k, a[k].shape, b[k].shape)
+    return max(((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel()), default=0.0)
 
 
 def save_tiny_vae(folder: Path, scaling_factor: float | None = None, latent_channels: int = 4) -> Path:
@@ -113,6 +156,48 @@ def save_tiny_vae(folder: Path, scaling_factor: float | None = None, latent_chan
         sample_size=16, **kwargs,
     ).save_pretrained(folder)  # fmt: skip
     return folder
+
+
+def write_latent_cache(root: Path, complete: bool = True) -> Path:
+    """A valid latent cache of LATENT_COUNT items of LATENT_SHAPE, 3 classes, written with the format module (no VAE
+    needed): moments drawn from N(0, 1), std 0.1. Without `complete` it has no manifest (an interrupted extraction)."""
+    from disploss.data import latents as fmt
+
+    rng = np.random.default_rng(0)
+    plan = {
+        "format": fmt.LATENT_FORMAT, "version": fmt.LATENT_FORMAT_VERSION, "image_size": 8, "vae": "ema",
+        "scale": 0.18215, "shift": 0.0, "latent_shape": list(LATENT_SHAPE), "downsample_factor": 2,
+        "count": LATENT_COUNT, "num_classes": 3, "class_names": ["a", "b", "c"], "shard_size": 8, "num_shards": 2,
+        "dtype": "float32", "alpha": "white", "data_path": "/nowhere", "layout": fmt.LAYOUT,
+    }  # fmt: skip
+    fmt.prepare_cache_folder(root, plan)
+    for k in range(2):
+        moments = rng.standard_normal((8, 2, 2, *LATENT_SHAPE)).astype(np.float32)
+        moments[:, :, 1] = 0.1
+        fmt.write_shard(root, k, moments, np.arange(8) % 3)
+    if complete:
+        fmt.write_manifest(root, plan)
+    return root
+
+
+LATENT_COUNT, LATENT_SHAPE = 16, (4, 4, 4)  # 2 shards of 8 (SiT-T/2 on 4x4x4 latents: "8 px" images, VAE factor 2)
+
+
+def call(capsys, argv: list[str]) -> tuple[int, str, str]:
+    """Run `disploss ...` in this process: (exit code, stdout, stderr)."""
+    from disploss.commands.main import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as exit_:
+        rc = exit_.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def read_png(path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img)
 
 
 def error_line(capsys) -> str:

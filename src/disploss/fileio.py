@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from disploss.errors import UsageError
+from disploss.errors import ConfigError, UsageError
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
@@ -180,6 +180,19 @@ class LineFile:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON to `path` atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json_object(path: str | os.PathLike, name: str, fix: str = "") -> dict:
+    """The JSON object in `path`; ConfigError starting with `name` (e.g. the flag and the path) when the file is
+    unreadable, not JSON or not an object, with `fix` (what to do) appended."""
+    fix = f"; {fix}" if fix else ""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{name} is not readable JSON ({err}){fix}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name} holds a JSON {type(data).__name__}, not an object{fix}")
+    return data
 
 
 class OutputPathError(UsageError, OSError):

@@ -15,7 +15,6 @@ as the fix. huggingface_hub (the optional `disploss[vae]` extra) is imported onl
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import shutil
 import tempfile
@@ -32,6 +31,7 @@ from disploss.errors import (
     MissingFileError,
     NonFiniteWeightsError,
 )
+from disploss.fileio import atomic_path, atomic_write_json, dir_mode, read_json_object
 from disploss.statedict import first_nonfinite, shape_differences
 
 CONFIG_NAME = "config.json"
@@ -177,14 +177,9 @@ def snapshot(
 
 def read_config(folder: Path) -> dict:
     """config.json of a model folder as a dict (ConfigError when it is not a JSON object)."""
-    path = Path(folder) / CONFIG_NAME
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path} is unreadable ({err}); export the model folder again") from err
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path} holds a JSON {type(config).__name__}, not an object of model settings")
-    return config
+    return read_json_object(
+        Path(folder) / CONFIG_NAME, str(Path(folder) / CONFIG_NAME), "export the model folder again"
+    )
 
 
 def read_folder(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -259,8 +254,6 @@ def write_folder(folder: str | os.PathLike, state: Mapping[str, torch.Tensor], c
     renamed; into a folder that holds other files, each file is replaced atomically, the weights first.
     """
     from safetensors.torch import save_file
-
-    from disploss.fileio import atomic_path, atomic_write_json, dir_mode
 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():

@@ -10,7 +10,6 @@ are left out but for the VAE's, which sampling needs (the dataset is named by it
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from disploss.checkpoint.io import NonFiniteCheckpointError, UnsafeCheckpointError, import_safetensors
 from disploss.checkpoint.sit import WEIGHT_CHOICES, describe_config, load_sit_weights, select_weights
 from disploss.errors import ConfigError, MissingFileError
+from disploss.fileio import check_folder_creatable, read_json_object
 
 # The run settings a model folder keeps: what sampling reads, then what the card shows.
 SAMPLING_KEYS = ("image_size", "num_classes", "vae", "path_type", "prediction", "loss_weight", "train_eps",
@@ -93,17 +93,10 @@ def _read_json(path: str | os.PathLike, flag: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{flag} {path}: no such file")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{flag} {path} is not readable JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{flag} {path} holds a JSON {type(data).__name__}, not an object")
-    return data
+    return read_json_object(path, f"{flag} {path}")
 
 
 def _check_out(out: Path, src: Path) -> None:
-    from disploss.fileio import check_folder_creatable
 
     if out.resolve() == src.resolve() or src.resolve().is_relative_to(out.resolve()):
         raise ConfigError(f"OUT {out} would hold or replace CKPT {src}; choose another folder")

@@ -1,7 +1,7 @@
-"""Outputs are written only where the user asked (issue 13, item 8): `evaluate --ref-cache` never overwrites a
-file that is not its own cache, `--out` never overwrites an input, and an output that cannot be written is a
-one-line error before the expensive work (evaluate, sample, sample-ddp, extract-latents, convert-checkpoint,
-bench), not a traceback after it."""
+"""Outputs are written only where the user asked: `evaluate --ref-cache` never overwrites a file that is not its
+own cache, `--out` never overwrites an input, and an output that cannot be written is a one-line error before the
+expensive work (evaluate, sample, sample-ddp, extract-latents, convert-checkpoint, bench), not a traceback after
+it."""
 
 from __future__ import annotations
 

@@ -1,18 +1,17 @@
-"""What `disploss train` does when things go wrong (issue 5). Each test fails without the protection it names:
+"""What `disploss train` does when its process dies, its loss goes non-finite or its images are unreadable. Each
+test fails without the protection it names:
 - kill -9 at any moment, mid-checkpoint-write included: never a partial checkpoint; the same command with
   `--ckpt latest` continues from the last complete one and ends with the weights of an uninterrupted run;
 - a non-finite loss or gradient: an error naming the step and the term, the last good checkpoint intact; or,
   with `--on-nonfinite skip`, the step skipped and counted;
-- checkpoints that carry code: refused, with the convert-checkpoint command;
-- unreadable images skipped with a warning naming each (or an error); empty folders named; never a hang;
-- the run folder: an unwritable --results-dir, a full disk (before training and mid-run), one folder per run.
-Flag errors (one line naming the flag and the valid values) are in test_cli.py.
+- unreadable images skipped with a warning naming each (or an error), in the run's log.txt too, whichever process
+  or loader worker met them; empty folders named; never a hang.
+Elsewhere: flag errors in test_cli.py and test_preflight.py, checkpoints that carry code or NaN in
+test_checkpoint_safety.py, the run folder in test_run_folder.py, a full disk in test_disk_space.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import errno
 import json
 import math
 import textwrap
@@ -20,28 +19,20 @@ import textwrap
 import pytest
 import torch
 
-from disploss.checkpoint import UnsafeCheckpointError, load_checkpoint
+from disploss.checkpoint import load_checkpoint
 from disploss.data import BadImageWarning
-from disploss.models import create_model
 from disploss.training.objective import Objective
 from trainkit import (
-    SHIM,
+    checkpoint_names,
     error_line,
     load,
     make_image_folder,
     max_abs_diff,
     only_run,
-    run_dirs,
     run_python,
     tiny_flags,
-    torchrun,
     train_cli,
 )
-
-
-def checkpoint_names(run) -> list[str]:
-    return sorted(p.name for p in (run / "checkpoints").iterdir())
-
 
 # -- 1. kill -9 -----------------------------------------------------------------------------------------------
 # Runs `disploss train ARGS` and SIGKILLs itself: KILL_MODE=save halfway through writing checkpoint KILL_AT
@@ -184,35 +175,7 @@ def test_nonfinite_skip_counts_and_continues(images, tmp_path, monkeypatch, caps
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["skipped_steps"] == 1
 
 
-# -- 3. checkpoints that carry code ---------------------------------------------------------------------------
-def pickled_checkpoint(path):
-    """A checkpoint as the reference wrote it: the weights plus an argparse.Namespace (a pickled class)."""
-    model = create_model("SiT-T/2", input_size=8, in_channels=3, num_classes=3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"model": model.state_dict(), "ema": model.state_dict(), "args": argparse.Namespace(model="SiT-T/2")}, path
-    )
-    return path
-
-
-def test_code_carrying_checkpoint_refused_by_train_and_loader(images, tmp_path, capsys):
-    path = pickled_checkpoint(tmp_path / "old.pt")
-    with pytest.raises(UnsafeCheckpointError, match="convert-checkpoint"):
-        load_checkpoint(path)
-    assert train_cli(tiny_flags(images, tmp_path / "results", steps=1, ckpt=path)) == 2
-    assert "disploss convert-checkpoint" in error_line(capsys)
-    assert not (tmp_path / "results").exists()  # refused before anything was created
-
-
-def test_code_carrying_checkpoint_refused_by_ckpt_latest(images, tmp_path, capsys):
-    results = tmp_path / "results"
-    pickled_checkpoint(results / "000-SiT-T-2-Linear-velocity-None" / "checkpoints" / "0000007.pt")
-    assert train_cli(tiny_flags(images, results, steps=1, ckpt="latest")) == 2  # not a silent fresh start
-    assert "disploss convert-checkpoint" in error_line(capsys)
-    assert len(run_dirs(results)) == 1
-
-
-# -- 4. data --------------------------------------------------------------------------------------------------
+# -- 3. data --------------------------------------------------------------------------------------------------
 @pytest.fixture
 def bad_images(tmp_path):
     """2 classes x 3 good PNGs, plus a truncated PNG and a text file named .png: 8 files, one batch."""
@@ -272,64 +235,26 @@ def test_dataset_folder_errors_name_the_folder(tmp_path, capsys, layout):
         assert "class_9" in line
 
 
-# -- 5. the run folder ----------------------------------------------------------------------------------------
-def test_results_dir_under_a_regular_file(images, tmp_path, capsys):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    assert train_cli(tiny_flags(images, blocker / "results", steps=1)) == 2
-    assert "cannot create the folder" in error_line(capsys)
+def test_skip_warnings_of_a_loader_worker_reach_the_run_log(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    (data / "class_1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert train_cli(tiny_flags(data, tmp_path / "results", steps=3, num_workers=1, ckpt_every=3)) == 0
+    log = (only_run(tmp_path / "results") / "log.txt").read_text()
+    skipped = [line for line in log.splitlines() if "skipping unreadable image file" in line]
+    assert skipped and all(str(data / "class_1" / "broken.png") in line for line in skipped), log
+    assert skipped[0].startswith("[") and "] WARNING: skipping" in skipped[0]
 
 
-@pytest.mark.timeout(180)
-def test_results_dir_error_reaches_every_process(images, tmp_path):
-    """Only rank 0 checks and creates the run folder; its error reaches rank 1, which would otherwise wait for
-    the folder's name until the collective timeout (30 minutes), and it is printed once: by rank 0, rank 1
-    quiet. On one node rank 1 then exits with 0 before rank 0 exits with 2, so torchrun's summary names rank 0's
-    line as the root cause and lists no other failure (issue 19: torchrun's report stays short); neither aborts."""
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    proc = torchrun(2, [SHIM, *tiny_flags(images, blocker / "results", steps=1)], tmp_path, timeout=150)
-    assert proc.returncode != 0
-    printed = [line for line in proc.stderr.splitlines() if line.startswith("disploss train: error: ")]
-    assert len(printed) == 1 and "cannot create the folder" in printed[0], proc.stderr[-3000:]
-    assert "traceback : disploss train: error: cannot create the folder" in proc.stderr, proc.stderr[-3000:]
-    assert "<NO_OTHER_FAILURES>" in proc.stderr and "rank      : 1 (local_rank: 1)" not in proc.stderr
-    assert "terminate called" not in proc.stderr  # no process exits with its process group alive
+def test_skip_lines_name_the_process_under_torchrun(tmp_path, monkeypatch):
+    from disploss.data import BadImageWarning, ImageFolderDataset
 
-
-def test_full_disk_detected_before_training(images, tmp_path, monkeypatch, capsys):
-    import shutil
-
-    from disploss.training.run import folder as run_folder
-
-    real = shutil.disk_usage
-    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
-    assert train_cli(tiny_flags(images, tmp_path / "results", steps=1)) == 2
-    assert "not enough free disk space" in error_line(capsys)
-    assert not (tmp_path / "results").exists() or not run_dirs(tmp_path / "results")  # no folder, no step
-
-
-def test_disk_full_while_saving_keeps_the_last_checkpoint(images, tmp_path, monkeypatch, capsys):
-    real_save, count = torch.save, [0]
-
-    def save(obj, f, *args, **kwargs):
-        count[0] += 1
-        if count[0] == 2:
-            with open(f, "wb") as out:
-                out.write(b"PK\x03\x04 half a checkpoint")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", save)
-    assert train_cli(tiny_flags(images, tmp_path, steps=3)) == 2
-    assert "No space left on device" in error_line(capsys)
-    run = only_run(tmp_path)
-    assert checkpoint_names(run) == ["0000001.pt"]  # no partial or temporary file left
-    load_checkpoint(run / "checkpoints" / "0000001.pt")
-
-
-def test_each_run_gets_its_own_folder(images, tmp_path):
-    for _ in range(2):
-        assert train_cli(tiny_flags(images, tmp_path, steps=1)) == 0
-    assert [p.name[:4] for p in run_dirs(tmp_path)] == ["000-", "001-"]
-    # concurrent runs: tests/test_rundir.py::test_concurrent_processes_never_share
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=2)
+    (data / "class_0" / "0.png").write_bytes(b"not an image")
+    ds = ImageFolderDataset(data, 8)
+    ds.log_skips_to(tmp_path / "log.txt")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.warns(BadImageWarning):
+        ds[0]
+    (line,) = (tmp_path / "log.txt").read_text().splitlines()
+    assert "] WARNING (process 1): skipping unreadable image file" in line and str(data / "class_0" / "0.png") in line
