@@ -83,3 +83,23 @@ def test_ckpt_latest_names_the_runs_of_other_models_it_passed_over(images, tmp_p
     assert "WARNING: --ckpt latest: no run of SiT-T/4" in out and "so a fresh run starts" in out
     assert f"the newest one differs: {first.name} (--model SiT-T/2 (this command: SiT-T/4))" in out
     assert len(run_dirs(tmp_path)) == 2 and "resumed from" not in out
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["sample-ddp", "ODE", "--ckpt", "none.pt", "--precision", "bf16", "--no-tf32"],
+         "disploss sample-ddp: error: --precision bf16 contradicts --no-tf32"),
+        (["sample-ddp", "ODE", "--ckpt", "none.pt", "--bogus-flag"],
+         "disploss sample-ddp: error: unrecognized arguments: --bogus-flag"),
+    ],
+)  # fmt: skip
+def test_a_sample_ddp_mistake_under_torchrun_is_printed_once(tmp_path, argv, line):
+    """The settings are built on every process before the process group exists: rank 0 prints the mistake, rank 1
+    leaves quietly (a value only the settings check, and an argparse mistake)."""
+    proc = torchrun(2, ["-m", "disploss", *argv, "--sample-dir", tmp_path / "samples"], tmp_path, timeout=120)
+    assert proc.returncode != 0
+    ours = [x for x in (proc.stdout + proc.stderr).splitlines() if x.startswith("disploss sample-ddp")]
+    assert len(ours) == 1 and ours[0].startswith(line), proc.stderr[-3000:]
+    assert "<NO_OTHER_FAILURES>" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "samples").exists()

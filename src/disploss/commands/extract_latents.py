@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     def go() -> int:
-        cfg = config_from_namespace(ExtractConfig, args)
+        cfg = distributed.alike_on_every_rank(config_from_namespace, ExtractConfig, args)  # printed by rank 0 alone
         info = distributed.init(cfg.device)
         try:
             return 0 if extract_latents(cfg, info) else 1

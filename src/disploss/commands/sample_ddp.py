@@ -43,11 +43,17 @@ def _precision(args: argparse.Namespace) -> str:
     return args.precision or named
 
 
+def sample_ddp_config(args: argparse.Namespace) -> SampleDDPConfig:
+    """The SampleDDPConfig of parsed flags (its sampler settings those of the MODE)."""
+    args.precision = _precision(args)
+    sampler = config_from_namespace(SAMPLERS[args.mode], args)
+    return config_from_namespace(SampleDDPConfig, args, sampler=sampler)
+
+
 def run(args: argparse.Namespace) -> int:
     def go() -> int:
-        args.precision = _precision(args)
-        sampler = config_from_namespace(SAMPLERS[args.mode], args)
-        cfg = config_from_namespace(SampleDDPConfig, args, sampler=sampler)
+        # Built on every process before any process group exists: a bad value is printed by rank 0 alone.
+        cfg = dist.alike_on_every_rank(sample_ddp_config, args)
         info = dist.init(cfg.guidance.device)
         try:
             sample_to_npz(cfg, info)
