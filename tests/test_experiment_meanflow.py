@@ -8,10 +8,10 @@ import json
 import math
 
 import pytest
-import torch
 
 from experiments import digits as ex
 from experiments.digits.scoring import sample_checkpoint
+from trainkit import tiny_sit
 
 
 def test_meanflow_arms_and_their_train_configs(tmp_path):
@@ -34,13 +34,8 @@ def test_meanflow_arms_and_their_train_configs(tmp_path):
 def _checkpoint(tmp_path, meanflow: bool):
     """A training checkpoint of the digits' model (SiT-T/2, 8 px, 10 classes) with non-zero output."""
     from disploss.checkpoint import save_checkpoint
-    from disploss.models import create_model
 
-    torch.manual_seed(0)
-    model = create_model("SiT-T/2", input_size=8, in_channels=3, num_classes=10, meanflow=meanflow)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05) if p.requires_grad else None
+    model = tiny_sit(preset="SiT-T/2", num_classes=10, meanflow=meanflow)
     args = dict(model="SiT-T/2", image_size=8, num_classes=10, vae="none", path_type="Linear",
                 prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None)  # fmt: skip
     path = tmp_path / f"{'mf' if meanflow else 'flow'}.pt"

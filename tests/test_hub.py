@@ -19,19 +19,9 @@ from disploss.models import SiT
 from trainkit import MODEL, ROOT, call, env, tiny_sit
 
 
-def tiny(meanflow: bool = False, seed: int = 0) -> SiT:
-    torch.manual_seed(seed)
-    model = SiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=5,
-                meanflow=meanflow)  # fmt: skip
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # the zero-initialised layers too: a non-zero output
-    return model.eval()
-
-
 @pytest.mark.parametrize("meanflow", [False, True], ids=["flow", "meanflow"])
 def test_save_and_load_round_trip_bitwise(tmp_path, meanflow):
-    model = tiny(meanflow)
+    model = tiny_sit(meanflow=meanflow, patch_size=2)
     folder = model.save_pretrained(tmp_path / "sit")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
     config = json.loads((folder / CONFIG_NAME).read_text())
@@ -51,7 +41,7 @@ def test_save_and_load_round_trip_bitwise(tmp_path, meanflow):
 
 def test_a_folder_as_huggingface_hubs_mixin_writes_it_loads(tmp_path):
     # PyTorchModelHubMixin: config.json holds the constructor arguments only, model.safetensors the state dict.
-    model = tiny()
+    model = tiny_sit(patch_size=2)
     (tmp_path / CONFIG_NAME).write_text(json.dumps(model.config()))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / WEIGHTS_NAME))
     loaded = SiT.from_pretrained(tmp_path)
@@ -59,17 +49,17 @@ def test_a_folder_as_huggingface_hubs_mixin_writes_it_loads(tmp_path):
 
 
 def test_saving_over_a_folder_keeps_its_card(tmp_path):
-    folder = tiny(seed=0).save_pretrained(tmp_path / "sit")
+    folder = tiny_sit(0, patch_size=2).save_pretrained(tmp_path / "sit")
     (folder / "README.md").write_text("my card\n")
-    tiny(seed=1).save_pretrained(folder)
+    tiny_sit(1, patch_size=2).save_pretrained(folder)
     assert (folder / "README.md").read_text() == "my card\n"
-    assert torch.equal(SiT.from_pretrained(folder).pos_embed, tiny(seed=1).pos_embed)
+    assert torch.equal(SiT.from_pretrained(folder).pos_embed, tiny_sit(1, patch_size=2).pos_embed)
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad):
-    folder = tiny().save_pretrained(tmp_path / "sit")
+    folder = tiny_sit(patch_size=2).save_pretrained(tmp_path / "sit")
     state = load_file(str(folder / WEIGHTS_NAME))
     state["blocks.1.mlp.fc2.weight"][0, :3] = bad
     save_file(state, str(folder / WEIGHTS_NAME))
@@ -80,7 +70,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad):
 
 
 def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
-    folder = tiny().save_pretrained(tmp_path / "sit")
+    folder = tiny_sit(patch_size=2).save_pretrained(tmp_path / "sit")
     config = json.loads((folder / CONFIG_NAME).read_text())
     (folder / CONFIG_NAME).write_text(json.dumps({**config, "num_classes": 7}))
     with pytest.raises(ConfigError) as info:
@@ -91,7 +81,7 @@ def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
 
 
 def test_unknown_config_keys_and_missing_files_are_refused(tmp_path):
-    folder = tiny().save_pretrained(tmp_path / "sit")
+    folder = tiny_sit(patch_size=2).save_pretrained(tmp_path / "sit")
     config = json.loads((folder / CONFIG_NAME).read_text())
     (folder / CONFIG_NAME).write_text(json.dumps({**config, "qk_norm": True}))
     with pytest.raises(ConfigError, match="settings that SiT does not take: qk_norm"):
@@ -127,7 +117,7 @@ def offline_cache(tmp_path, monkeypatch):
 
 
 def test_a_cached_hub_id_loads_offline(tmp_path, offline_cache):
-    model = tiny(meanflow=True)
+    model = tiny_sit(meanflow=True, patch_size=2)
     _cache_hub_id(offline_cache, "someone/sit-tiny", model.save_pretrained(tmp_path / "sit"))
     loaded = SiT.from_pretrained("someone/sit-tiny", cache_dir=offline_cache)
     assert loaded.meanflow and all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
@@ -163,7 +153,7 @@ def test_push_to_hub_saves_and_uploads_the_folder(monkeypatch):
             return f"https://huggingface.co/{repo_id}/commit/abc"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    url = tiny().push_to_hub("me/sit-tiny", private=True)
+    url = tiny_sit(patch_size=2).push_to_hub("me/sit-tiny", private=True)
     assert url == "https://huggingface.co/me/sit-tiny/commit/abc"
     assert calls == [("token", None), ("create_repo", "me/sit-tiny", True, True),
                      ("upload_folder", "me/sit-tiny", "model", ["README.md", CONFIG_NAME, WEIGHTS_NAME])]  # fmt: skip

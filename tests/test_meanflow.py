@@ -373,23 +373,10 @@ def test_checkpoint_shapes_tell_a_meanflow_model(tmp_path):
 
 
 # -- sampling commands -----------------------------------------------------------------------------------------
-def random_meanflow_sit(seed: int):
-    """A tiny preset MeanFlow SiT (SiT-T/2, 8 px, 3 channels, 5 classes) with non-zero output."""
-    from disploss.models import create_model
-
-    torch.manual_seed(seed)
-    model = create_model("SiT-T/2", input_size=8, in_channels=3, num_classes=5, meanflow=True)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def mf_ckpts(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mf")
-    ema = random_meanflow_sit(0)
+    ema = tiny_sit(0, preset=MODEL, meanflow=True)
     mf = save_training_checkpoint(folder / "0000100.pt", ema, objective="meanflow")
     flow = save_training_checkpoint(folder / "flow" / "0000100.pt", tiny_sit(0, preset=MODEL))
     return {"meanflow": mf, "flow": flow, "ema": ema}

@@ -10,7 +10,7 @@ import torch
 
 from disploss.errors import ConfigError
 from disploss.imageio import save_grid
-from disploss.models import SiT, create_model
+from disploss.models import SiT
 from trainkit import MODEL, call, read_png, save_tiny_vae, save_training_checkpoint, tiny_sit
 
 pytest.importorskip("diffusers")
@@ -38,16 +38,6 @@ def pipeline_grid(tmp_path, pipe, **kwargs) -> np.ndarray:
     return read_png(tmp_path / "pipe.png")
 
 
-def meanflow_sit(seed: int = 0) -> SiT:
-    torch.manual_seed(seed)
-    model = create_model(MODEL, input_size=8, in_channels=3, num_classes=5, meanflow=True)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
 @pytest.mark.parametrize("cfg", [1.0, 2.0], ids=["cfg1", "cfg2"])
 def test_the_flow_scheduler_gives_sample_pys_images(capsys, tmp_path, cfg):
     # 4 Euler steps: t = 0, 1/4, 1/2, 3/4 (sigma = 1, 3/4, 1/2, 1/4) are exact in float32, so are the steps.
@@ -67,7 +57,7 @@ def test_the_flow_scheduler_gives_sample_pys_images(capsys, tmp_path, cfg):
 
 @pytest.mark.parametrize("steps, cfg", [(1, 1.0), (2, 2.0)])
 def test_the_scheduler_samples_meanflow_as_sample_py(capsys, tmp_path, steps, cfg):
-    folder = meanflow_sit().save_pretrained(tmp_path / "mf")
+    folder = tiny_sit(preset=MODEL, meanflow=True).save_pretrained(tmp_path / "mf")
     expected = sample_py(capsys, tmp_path, folder, "MeanFlow", "--num-sampling-steps", str(steps), "--vae", "none",
                          "--cfg-scale", str(cfg))  # fmt: skip
     pipe = SiTPipeline(SiT.from_pretrained(folder), FlowMatchEulerDiscreteScheduler())

@@ -15,7 +15,6 @@ r = 1 - sigma' (the end of each step) and the scheduler -u. diffusers is importe
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
 
 from disploss.errors import ConfigError
+from disploss.fileio import atomic_write_json, read_json_object
 from disploss.models import SiT
 
 INDEX_NAME = "model_index.json"
@@ -156,7 +156,7 @@ class SiTPipeline(DiffusionPipeline):
             "vae": ["diffusers", "AutoencoderKL"] if self.vae is not None else [None, None],
             "path_type": self.config.path_type, "prediction": self.config.prediction,
         }  # fmt: skip
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(folder / INDEX_NAME, index)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SiTPipeline:
@@ -167,7 +167,7 @@ class SiTPipeline(DiffusionPipeline):
         if not folder.is_dir():
             folder = snapshot(str(pretrained_model_name_or_path), flag="SiTPipeline.from_pretrained:",
                               files=(INDEX_NAME,), patterns=["*"])  # fmt: skip
-        index = json.loads((folder / INDEX_NAME).read_text())
+        index = read_json_object(folder / INDEX_NAME, f"{folder / INDEX_NAME}", "save the pipeline again")
         vae = AutoencoderKL.from_pretrained(folder / "vae") if (folder / "vae").is_dir() else None
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
         return cls(SiT.from_pretrained(folder / "transformer"), scheduler, vae,
