@@ -150,7 +150,7 @@ FULL_ON_RANK_0 = textwrap.dedent(
     """
     import os, shutil, sys, tempfile
     from disploss import fileio
-    from disploss.commands.main import run_command
+    from disploss.commands.main import leave, run_command
 
     real_mkstemp, count = tempfile.mkstemp, [0]
 
@@ -165,7 +165,7 @@ FULL_ON_RANK_0 = textwrap.dedent(
 
     if os.environ["RANK"] == "0":
         fileio.tempfile.mkstemp = mkstemp
-    sys.exit(run_command("train", sys.argv[1:]))
+    sys.exit(leave(run_command("train", sys.argv[1:])))  # as train.py ends
     """
 )
 

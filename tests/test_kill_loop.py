@@ -93,9 +93,9 @@ KILLER = textwrap.dedent(
             write_half_then_die(real_savez, arrays["arr_0"], f.name)
 
         np.savez = savez
-    from disploss.commands.main import run_command
+    from disploss.commands.main import leave, run_command
 
-    sys.exit(run_command(os.environ["COMMAND"], sys.argv[1:]))
+    sys.exit(leave(run_command(os.environ["COMMAND"], sys.argv[1:])))  # as train.py ends
     """
 )
 

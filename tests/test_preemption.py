@@ -127,7 +127,7 @@ ONE_RANK = textwrap.dedent(
     """
     import os, signal, sys
     import disploss.transport.transport as transport_module
-    from disploss.commands.main import run_command
+    from disploss.commands.main import leave, run_command
     from disploss.training.run import preemption
 
     rank, count = int(os.environ["RANK"]), [0]
@@ -142,7 +142,7 @@ ONE_RANK = textwrap.dedent(
     transport_module.Transport.training_losses = losses
     if rank == 1:
         preemption.StopPoll._now = staticmethod(lambda: 0.0 if count[0] < 2 else 1e9)
-    sys.exit(run_command("train", sys.argv[1:]))
+    sys.exit(leave(run_command("train", sys.argv[1:])))  # as train.py ends
     """
 )
 

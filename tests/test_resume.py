@@ -55,7 +55,7 @@ GATHER_CHECK = textwrap.dedent(
     import torch
     import torch.distributed as dist
     import disploss.regularizer as regularizer_module
-    from disploss.commands.main import run_command
+    from disploss.commands.main import leave, run_command
 
     original = regularizer_module.dispersive_loss
     records = []
@@ -75,7 +75,7 @@ GATHER_CHECK = textwrap.dedent(
     status = run_command("train", sys.argv[1:])
     with open(os.path.join(os.environ["RECORDS"], "rank" + os.environ["RANK"] + ".json"), "w") as f:
         json.dump(records, f)
-    sys.exit(status)
+    sys.exit(leave(status))  # as train.py ends
     """
 )
 

@@ -327,7 +327,7 @@ KILL_AT_STEP = textwrap.dedent(
     """
     import os, signal, sys
     import disploss.transport.transport as transport_module
-    from disploss.commands.main import run_command
+    from disploss.commands.main import leave, run_command
 
     real, count = transport_module.Transport.training_losses, [0]
 
@@ -338,7 +338,7 @@ KILL_AT_STEP = textwrap.dedent(
         return real(self, *args, **kwargs)
 
     transport_module.Transport.training_losses = losses
-    sys.exit(run_command("train", sys.argv[1:]))
+    sys.exit(leave(run_command("train", sys.argv[1:])))  # as train.py ends
     """
 )
 

@@ -165,8 +165,10 @@ def test_two_processes_give_the_same_npz_as_one(tmp_path, ckpt):
 @pytest.mark.parametrize("extra", [[], ["--cfg-scale", "2.0"]], ids=["cfg1", "cfg2"])
 def test_default_adaptive_sampler_is_independent_of_processes_and_batch_size(capsys, tmp_path, ckpt, extra):
     # The default sampler, adaptive dopri5: each image takes its own steps (per-image step-size control), so the
-    # npz is the same for 1 or 2 processes and any batch size. With torchdiffeq's one step size per batch
-    # (--step-control batch) images 0-5 are solved with other batch-mates in each run and the npz differs.
+    # npz is the same for 1 or 2 processes and any batch size, up to the float rounding of a batched GEMM, which is
+    # not bitwise the same for every batch size: a pixel may move by one level in rare places (measured: 1 of 1152
+    # on one set of weights, none on another). The float-level property, against torchdiffeq's one step size per
+    # batch (--step-control batch), is test_per_image.py::test_which_methods_keep_each_image_independent_of_its_batch_mates.
     argv = ["ODE", *BASE, *extra]
     for name, bs in (("bs1", "1"), ("bs5", "5")):
         assert run_ddp(capsys, ckpt, tmp_path / name, argv, "--per-proc-batch-size", bs)[0] == 0
@@ -176,9 +178,10 @@ def test_default_adaptive_sampler_is_independent_of_processes_and_batch_size(cap
     assert "sampling 6 on 2 process(es), 2 per batch" in done.stdout
     folders, arrays = zip(*(outputs(tmp_path / name) for name in ("bs1", "bs5", "two")))
     assert len({f.name for f in folders}) == 1 and folders[0].name.endswith("-ODE-4-dopri5")
-    first = load_samples_npz(arrays[0])
+    first = load_samples_npz(arrays[0]).astype(int)
     for other in arrays[1:]:
-        np.testing.assert_array_equal(load_samples_npz(other), first)
+        other = load_samples_npz(other).astype(int)
+        assert np.abs(other - first).max() <= 1 and (other != first).mean() < 1e-2
     assert json.loads((folders[0] / "sample_config.json").read_text())["step_control"] == "per-image"
 
 

@@ -72,9 +72,9 @@ KILLER = textwrap.dedent(
             return real_losses(self, *args, **kwargs)
 
         transport_module.Transport.training_losses = losses
-    from disploss.commands.main import run_command
+    from disploss.commands.main import leave, run_command
 
-    sys.exit(run_command("train", sys.argv[1:]))
+    sys.exit(leave(run_command("train", sys.argv[1:])))  # as train.py ends
     """
 )
 STEPS = 5

@@ -1,5 +1,3 @@
-import sys
+from disploss.commands.main import console
 
-from disploss.commands.main import leave, main
-
-sys.exit(leave(main()))
+console()

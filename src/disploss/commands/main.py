@@ -93,5 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(command, rest)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `disploss` console script: main(), ended by `leave` (as `python -m disploss` and the root shims end), so
+    that under torchrun no process, one that succeeded or one that stopped quietly, can abort at interpreter
+    shutdown."""
     sys.exit(leave(main()))
+
+
+if __name__ == "__main__":
+    console()
