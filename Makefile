@@ -25,11 +25,13 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/disploss demo
 
-# The layering contracts (import-linter) and ruff run before the tests: a broken layer fails `make test`.
+# The layering contracts (import-linter) and ruff run before the tests: a broken layer fails `make test`; so does a
+# test module importing another (their shared helpers live in tests/trainkit.py).
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples experiments train.py sample.py sample_ddp.py
 	$(BIN)/ruff format --check src tests benchmarks examples experiments train.py sample.py sample_ddp.py
 	$(BIN)/lint-imports
+	@! grep -nE '^\s*(from|import) test_' tests/*.py || (echo 'a test module imports another: shared helpers go in tests/trainkit.py'; false)
 
 test: lint
 	$(BIN)/python -m pytest -q

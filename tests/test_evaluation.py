@@ -8,7 +8,6 @@ import math
 import os
 import re
 import urllib.error
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +27,7 @@ from disploss.evaluation import (
     save_samples_npz,
 )
 from disploss.evaluation.inception import NUM_CLASSES, POOL_DIM, SPATIAL_DIM, WEIGHTS_URL
+from trainkit import make_random_inception_weights
 
 # --------------------------------------------------------------------------------------------------- statistics
 
@@ -330,27 +330,6 @@ def test_load_reference_batch_rejects_bad_files(tmp_path, arrays, message):
 
 
 # ------------------------------------------------------------------------------------ random-weight Inception
-
-
-def make_random_inception_weights(path: Path) -> Path:
-    """Save a state dict with torch-fidelity's Inception-v3 layout and seeded random values (He-scaled convs)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
-
-    # Build the architecture without weights: skip the download and the state dict loading once.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
-        patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-        template = tf_inception.FeatureExtractorInceptionV3("template", ["2048"]).state_dict()
-    generator = torch.Generator().manual_seed(0)
-    state = {}
-    for name, tensor in template.items():
-        if name.endswith("conv.weight"):
-            tensor = torch.randn(tensor.shape, generator=generator) * math.sqrt(2.0 / tensor[0].numel())
-        elif name.startswith("fc."):
-            tensor = torch.randn(tensor.shape, generator=generator) * (0.2 if name == "fc.weight" else 1.0)
-        state[name] = tensor.clone()
-    torch.save(state, path)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ Import-safe: nothing heavy is imported at collection; each test skips without di
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import math
 import re
@@ -15,15 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from trainkit import load_example
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_example(name: str):
-    """Import examples/<name>.py as a module (examples/ is not a package); its main() does not run on import."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def docs_snippet(marker: str) -> str:

@@ -18,7 +18,18 @@ from disploss.checkpoint import save_checkpoint
 from disploss.hub import CONFIG_NAME, WEIGHTS_NAME
 from disploss.models import SiT
 from disploss.statedict import fingerprint
-from trainkit import MODEL, call, error_line, make_image_folder, only_run, read_png, tiny_flags, tiny_sit, train_cli
+from trainkit import (
+    MODEL,
+    call,
+    error_line,
+    make_image_folder,
+    only_run,
+    read_png,
+    save_training_checkpoint,
+    tiny_flags,
+    tiny_sit,
+    train_cli,
+)
 
 RUN_ARGS = {
     "model": MODEL, "image_size": 8, "num_classes": 5, "vae": "none", "path_type": "Linear", "prediction": "velocity",
@@ -89,10 +100,7 @@ def test_weights_model_exports_the_raw_weights(capsys, tmp_path, ours):
 
 
 def test_a_meanflow_checkpoint_exports_a_meanflow_folder(capsys, tmp_path):
-    from test_pipeline import meanflow_sit
-    from test_sample import save_training_checkpoint
-
-    ema = meanflow_sit(0)
+    ema = tiny_sit(0, preset=MODEL, meanflow=True)
     ckpt = save_training_checkpoint(tmp_path / "0000050.pt", ema, objective="meanflow")
     assert export(capsys, ckpt, tmp_path / "mf")[0] == 0
     config = json.loads((tmp_path / "mf" / CONFIG_NAME).read_text())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainkit import ROOT
+from trainkit import ROOT, load_example, make_random_inception_weights
 
 # Appended to each command of the recipe (argparse keeps the last value of a flag given twice).
 SMALLER = {
@@ -49,8 +49,6 @@ def test_the_recipe_runs_as_written_at_a_smaller_scale(tmp_path, capsys, monkeyp
 
     from disploss.commands.main import main
     from disploss.evaluation import metrics
-    from test_evaluation import make_random_inception_weights
-    from test_examples import load_example
 
     monkeypatch.setattr(metrics, "_sqrtm", lambda m: np.diag(np.sqrt(np.linalg.eigvals(m).astype(complex))))
     monkeypatch.chdir(tmp_path)  # the recipe's relative paths

@@ -4,6 +4,7 @@ running a `disploss` command in process, in a subprocess or under torchrun, and 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -198,6 +199,36 @@ def call(capsys, argv: list[str]) -> tuple[int, str, str]:
 def read_png(path) -> np.ndarray:
     with Image.open(path) as img:
         return np.asarray(img)
+
+
+def load_example(name: str):
+    """Import examples/<name>.py as a module (examples/ is not a package); its main() does not run on import."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_random_inception_weights(path: Path) -> Path:
+    """Save a state dict with torch-fidelity's Inception-v3 layout and seeded random values (He-scaled convs)."""
+    # Build the architecture without weights: skip the download and the state dict loading once.
+    import pytest
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        template = tf_inception.FeatureExtractorInceptionV3("template", ["2048"]).state_dict()
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for name, tensor in template.items():
+        if name.endswith("conv.weight"):
+            tensor = torch.randn(tensor.shape, generator=generator) * (2.0 / tensor[0].numel()) ** 0.5
+        elif name.startswith("fc."):
+            tensor = torch.randn(tensor.shape, generator=generator) * (0.2 if name == "fc.weight" else 1.0)
+        state[name] = tensor.clone()
+    torch.save(state, path)
+    return path
 
 
 def error_line(capsys) -> str:
