@@ -182,9 +182,10 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def read_json_object(path: str | os.PathLike, name: str, fix: str = "") -> dict:
-    """The JSON object in `path`; ConfigError starting with `name` (e.g. the flag and the path) when the file is
-    unreadable, not JSON or not an object, with `fix` (what to do) appended."""
+def read_json_object(path: str | os.PathLike, name: str | None = None, fix: str = "") -> dict:
+    """The JSON object in `path`; ConfigError starting with `name` (default: the path; e.g. the flag and the path)
+    when the file is unreadable, not JSON or not an object, with `fix` (what to do) appended."""
+    name = str(path) if name is None else name
     fix = f"; {fix}" if fix else ""
     try:
         data = json.loads(Path(path).read_text())

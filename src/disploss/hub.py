@@ -177,9 +177,7 @@ def snapshot(
 
 def read_config(folder: Path) -> dict:
     """config.json of a model folder as a dict (ConfigError when it is not a JSON object)."""
-    return read_json_object(
-        Path(folder) / CONFIG_NAME, str(Path(folder) / CONFIG_NAME), "export the model folder again"
-    )
+    return read_json_object(Path(folder) / CONFIG_NAME, fix="export the model folder again")
 
 
 def read_folder(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -97,7 +97,6 @@ def _read_json(path: str | os.PathLike, flag: str) -> dict:
 
 
 def _check_out(out: Path, src: Path) -> None:
-
     if out.resolve() == src.resolve() or src.resolve().is_relative_to(out.resolve()):
         raise ConfigError(f"OUT {out} would hold or replace CKPT {src}; choose another folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

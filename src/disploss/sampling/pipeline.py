@@ -167,7 +167,7 @@ class SiTPipeline(DiffusionPipeline):
         if not folder.is_dir():
             folder = snapshot(str(pretrained_model_name_or_path), flag="SiTPipeline.from_pretrained:",
                               files=(INDEX_NAME,), patterns=["*"])  # fmt: skip
-        index = read_json_object(folder / INDEX_NAME, f"{folder / INDEX_NAME}", "save the pipeline again")
+        index = read_json_object(folder / INDEX_NAME, fix="save the pipeline again")
         vae = AutoencoderKL.from_pretrained(folder / "vae") if (folder / "vae").is_dir() else None
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
         return cls(SiT.from_pretrained(folder / "transformer"), scheduler, vae,
